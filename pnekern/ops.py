@@ -1,0 +1,116 @@
+"""Dispatch layer: one public function per op, picking the cpp / triton / cuda / reference implementation.
+
+Backends share one signature per op (the reference module documents it). Data flows one way: kernels and the
+reference sit below this module; optim/stats/probes call it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _native
+from .reference import adamw as _ref_adamw
+
+__all__ = ["BACKENDS", "resolve_backend", "adamw_step_", "microbatch_accumulate_", "default_backend"]
+
+#: Every backend name a user may request. ``auto`` resolves per device at step time.
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+
+#: dtypes the compiled kernels store (math is always fp32).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def default_backend() -> str:
+    """The backend requested by the environment (``PNEKERN_BACKEND``), else ``"auto"``."""
+    value = os.environ.get("PNEKERN_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"PNEKERN_BACKEND={value!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def validate_backend(backend: str) -> str:
+    """Normalise and check a user-supplied backend name (ValueError naming the choices otherwise)."""
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    return backend.lower()
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the implementation for tensors on ``device`` with storage ``dtype``.
+
+    ``auto`` gives ``cpp`` on CPU for fp32/bf16/fp16 when the extension is built, ``reference`` otherwise (the GPU
+    kernels arrive with the Triton issue; until then CUDA tensors use the reference). Explicit requests that cannot
+    run on the device raise RuntimeError with the reason.
+    """
+    if requested == "auto":
+        if device.type == "cpu" and dtype in KERNEL_DTYPES and _native.available():
+            return "cpp"
+        return "reference"
+    if requested == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"backend='cpp' runs on CPU tensors but got tensors on {device}; use backend='auto' or 'reference'"
+            )
+        _native.require("backend='cpp'")
+        return "cpp"
+    if requested in ("triton", "cuda"):
+        raise RuntimeError(
+            f"backend={requested!r} is not available in this build (GPU kernels are not compiled in); "
+            "use backend='auto', 'cpp' or 'reference'"
+        )
+    return requested
+
+
+def adamw_step_(
+    backend: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    sumsq_bufs: Sequence[Tensor] = (),
+    stats_out: Tensor | None = None,
+) -> None:
+    """Fused multi-tensor AdamW step on an already-resolved ``backend`` (see ``reference.adamw_step_``)."""
+    args = (
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
+        float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad), bool(maximize),
+        grad_scale, found_inf, list(sumsq_bufs), stats_out,
+    )
+    if backend == "cpp":
+        torch.ops.pnekern.adamw_step_(*args)
+    elif backend == "reference":
+        _ref_adamw.adamw_step_(*args)
+    else:
+        raise RuntimeError(f"adamw_step_: backend {backend!r} is not resolved to an implementation")
+
+
+def microbatch_accumulate_(
+    backend: str,
+    acc: Tensor,
+    x: Tensor,
+    v: Tensor | None,
+    inv_sqrt_bc2: float,
+    eps: float,
+    scale: float = 1.0,
+    sumsq: Tensor | None = None,
+) -> None:
+    """Accumulate one gradient contribution's (Σx², Σa²x²) into ``acc`` [2] float64 (and ``sumsq`` += x²)."""
+    if backend == "cpp" and x.is_contiguous() and (v is None or v.is_contiguous()):
+        torch.ops.pnekern.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
+    else:
+        _ref_adamw.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq)

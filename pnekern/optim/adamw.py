@@ -1,0 +1,416 @@
+"""Drop-in ``torch.optim.AdamW`` whose step runs on pnekern's fused kernels.
+
+Subclassing ``torch.optim.AdamW`` gives us torch's constructor validation (identical exceptions and messages),
+param-group defaults, ``__setstate__`` upgrades, state_dict/load_state_dict device and dtype policy, hooks,
+``zero_grad`` and LR-scheduler compatibility for free; only ``step`` is ours.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .. import ops
+from ..stats.engine import STATS_MODES, NoiseStats, StepStats
+
+__all__ = ["AdamW"]
+
+
+def _scalar(x: float | Tensor) -> float:
+    # Hyperparameters may be 0-dim tensors (Tensor lr/betas). Reading a CPU tensor is not a device sync.
+    return float(x) if isinstance(x, Tensor) else x
+
+
+class AdamW(torch.optim.AdamW):
+    """AdamW with torch's exact semantics, computed by a fused pnekern backend.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused:
+            exactly as ``torch.optim.AdamW`` (same defaults, same validation errors). ``foreach``/``fused`` are
+            validated and stored in the param groups (so checkpoints round-trip with torch) but the kernel is chosen
+            by ``backend``. ``differentiable=True`` runs torch's own single-tensor path so autograd flows through the
+            step.
+        backend: ``"auto"`` (default; also settable by env ``PNEKERN_BACKEND``), ``"reference"`` (pure PyTorch,
+            fp32 math), ``"cpp"`` (fused OpenMP+SIMD kernel, CPU), ``"triton"``/``"cuda"`` (GPU, where built).
+            ``auto`` picks ``cpp`` for CPU fp32/bf16/fp16 tensors and ``reference`` otherwise.
+        check_finite: when True, raise RuntimeError before anything changes if a gradient holds NaN/inf
+            (costs one host sync per step; off by default).
+        stats: gradient-noise statistics measured in the step (SPEC §2): None (off), ``"trace"`` (scalars only,
+            no per-element memory; A = A_{t−1}), ``"diag"`` (+ one fp32 buffer per parameter: exact A_t and the
+            per-element diag Σ), ``"lowrank"`` (+ a d×``stats_rank`` Nyström sketch: U S Uᵀ + D per parameter).
+            Needs n ≥ 2 backward calls (micro-batches) per step; read with :meth:`last_stats`, :attr:`exposure`.
+        batch_size: examples per optimizer step B (all micro-batches, all workers); enables ``noise_scale``.
+        stats_every: compute statistics every N-th step only; exposure is held (and marked) in between.
+        kappa: momentum variance amplification: ``"ema"`` (1, Adam's EMA momentum, default), ``"heavy_ball"``
+            (1/(1−β1)², the drafts' convention), ``"calibrated"`` (mean-squared-displacement fit) or a float.
+        bias_corrected: use the bias-corrected per-step coefficient c_s instead of η (early steps weigh ~3η).
+        stats_rank: rank r of the lowrank sketch. gns_beta: EMA factor of the noise-scale smoothing.
+        data_parallel: None = auto (torch.distributed initialized with world size > 1): combine every worker's
+            contributions (SPEC §2 DDP formula); ``process_group`` is the group DDP averages over.
+
+    GradScaler: the step consumes ``grad_scale``/``found_inf`` itself (like torch's ``fused=True``): gradients are
+    unscaled in the kernel and a step with ``found_inf`` changes nothing and is not counted.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str | None = None,
+        check_finite: bool = False,
+        stats: str | None = None,
+        batch_size: int | None = None,
+        stats_every: int = 1,
+        kappa: str | float = "ema",
+        bias_corrected: bool = False,
+        stats_rank: int = 8,
+        gns_beta: float = 0.95,
+        data_parallel: bool | None = None,
+        process_group: Any = None,
+        stats_seed: int = 0,
+    ) -> None:
+        backend = ops.default_backend() if backend is None else ops.validate_backend(backend)
+        if stats not in STATS_MODES:
+            raise ValueError(f"stats={stats!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        if differentiable and backend not in ("auto", "reference"):
+            raise ValueError(
+                f"differentiable=True needs an autograd-traceable step; backend={backend!r} is a fused kernel. "
+                "Use backend='auto' or 'reference'."
+            )
+        self.backend = backend
+        self.check_finite = bool(check_finite)
+        self._probes: list[Any] = []
+        self._stats: NoiseStats | None = None
+        if stats is not None:
+            self._stats = NoiseStats(
+                self, stats, self._precond_for, beta1=self._beta1_for, batch_size=batch_size, kappa=kappa,
+                bias_corrected=bias_corrected, stats_every=stats_every, rank=stats_rank, gns_beta=gns_beta,
+                backend="reference" if differentiable else backend, data_parallel=data_parallel,
+                process_group=process_group, seed=stats_seed,
+            )
+        elif batch_size is not None:
+            raise ValueError("batch_size is only used by the noise statistics; pass stats='trace' (or diag/lowrank) too")
+        # Our kernels unscale gradients and honour found_inf in-step, so GradScaler hands them over instead of
+        # unscaling p.grad in place (torch's fused AdamW contract).
+        self._step_supports_amp_scaling = not differentiable
+
+    # Optimizer.__getstate__ keeps only defaults/state/param_groups; our settings must survive deepcopy/pickle.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        state["check_finite"] = self.check_finite
+        state["_step_supports_amp_scaling"] = getattr(self, "_step_supports_amp_scaling", False)
+        state["_stats"] = getattr(self, "_stats", None)
+        state["_probes"] = getattr(self, "_probes", [])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", "auto")
+        state.setdefault("check_finite", False)
+        state.setdefault("_stats", None)
+        state.setdefault("_probes", [])
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ statistics API
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _beta1_for(self, p: Tensor) -> float:
+        return _scalar(self._group_of(p)["betas"][0])
+
+    def _precond_for(self, p: Tensor) -> tuple[Tensor | None, float, float]:
+        """Adam's preconditioner before this step's update: (v, 1/sqrt(bc2), eps); v None before step 1."""
+        group = self._group_of(p)
+        state = self.state.get(p)
+        if not state or "step" not in state:
+            return None, 1.0, group["eps"]
+        step = float(state["step"]) if state["step"].device.type == "cpu" else None
+        if step is None:
+            # Device-resident step (capturable/fused): bias correction as a tensor would need a sync here.
+            step = float(state["step"].cpu())
+        if step <= 0:
+            return None, 1.0, group["eps"]
+        beta2 = _scalar(group["betas"][1])
+        v = state["max_exp_avg_sq"] if group["amsgrad"] and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+        return v, 1.0 / (1.0 - beta2**step) ** 0.5, group["eps"]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        stats = getattr(self, "_stats", None)
+        if stats is not None:
+            stats.track_group(self.param_groups[-1], len(self.param_groups) - 1)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        # Discarded gradients take their captured contributions with them.
+        if getattr(self, "_stats", None) is not None:
+            self._stats.reset()
+
+    def last_stats(self) -> StepStats | None:
+        """Statistics of the most recent step (device tensors; ``.to_dict()`` reads them), or None."""
+        if self._stats is None:
+            raise RuntimeError("statistics are off: construct the optimizer with stats='trace' (or 'diag'/'lowrank')")
+        return self._stats.last
+
+    @property
+    def exposure(self) -> Any:
+        """The :class:`pnekern.stats.ExposureLog` of every measured step (to_jsonl / to_csv / plot)."""
+        if self._stats is None:
+            raise RuntimeError("statistics are off: construct the optimizer with stats='trace' (or 'diag'/'lowrank')")
+        return self._stats.log
+
+    @property
+    def noise_stats(self) -> NoiseStats | None:
+        """The statistics engine (None when ``stats=None``)."""
+        return self._stats
+
+    def preconditioner(self, params: list[Tensor] | None = None) -> list[Tensor]:
+        """a = 1/(sqrt(v̂)+eps) per parameter (A_t after the last step; ones before the first), for probes."""
+        out = []
+        for p in params if params is not None else [q for g in self.param_groups for q in g["params"]]:
+            group = self._group_of(p)
+            state = self.state.get(p)
+            if not state or float(state["step"]) == 0:
+                out.append(torch.ones_like(p, dtype=torch.float32) if not p.is_complex() else torch.ones(p.shape, device=p.device))
+                continue
+            step = float(state["step"])
+            v = state["max_exp_avg_sq"] if group["amsgrad"] and "max_exp_avg_sq" in state else state["exp_avg_sq"]
+            bc2 = 1.0 - _scalar(group["betas"][1]) ** step
+            vv = v.abs() if v.is_complex() else v
+            out.append(1.0 / (vv.float().sqrt() / bc2**0.5 + group["eps"]))
+        return out
+
+    def attach_probe(self, probe: Any) -> None:
+        """Run ``probe.measure(a)`` after every step where ``probe.due(step)``; feeds ``curvature``/``pne_star``.
+
+        ``probe`` is e.g. :class:`pnekern.probes.CurvatureProbe`; it receives this optimizer's current A.
+        """
+        if not (hasattr(probe, "measure") and hasattr(probe, "due")):
+            raise TypeError("attach_probe: probe must have measure(precond) and due(step) (e.g. pnekern.probes.CurvatureProbe)")
+        self._probes.append(probe)
+
+    def _run_probes(self) -> None:
+        step = self._stats.step_count if self._stats is not None else None
+        for probe in self._probes:
+            if step is None or not probe.due(step):
+                continue
+            result = probe.measure(self.preconditioner(list(probe.params)))
+            if self._stats is not None:
+                self._stats.set_curvature(result.value, step)
+                if self._stats.last is not None:
+                    last = self._stats.last
+                    last.curvature = self._stats.curvature
+                    last.curvature_held = False
+                    if last.temperature is not None:
+                        last.pne_star = self._stats._pne_star(last.temperature)
+                        self._stats.log.update_last({"curvature": last.curvature, "pne_star": last.pne_star, "curvature_held": False})
+
+    # ------------------------------------------------------------------ validation (no state changes)
+    @staticmethod
+    def _param_name(gi: int, pi: int, p: Tensor) -> str:
+        return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, dtype {p.dtype}, device {p.device})"
+
+    def _validate(self) -> list[tuple[int, int, Tensor]]:
+        """Check every parameter with a gradient before anything is mutated; return (group, index, param)."""
+        todo: list[tuple[int, int, Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                name = self._param_name(gi, pi, p)
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"AdamW does not support sparse gradients, please consider SparseAdam instead: {name} "
+                        "has a sparse gradient"
+                    )
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise TypeError(f"AdamW can only optimize floating-point or complex parameters; {name} is not")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{name}: gradient shape {tuple(g.shape)} does not match the parameter")
+                if not self.defaults["differentiable"]:
+                    # Resolving early turns e.g. "cpp on a CUDA tensor" into an error before any state changes.
+                    dtype = torch.float32 if p.is_complex() else p.dtype
+                    ops.resolve_backend(self.backend, p.device, dtype)
+                todo.append((gi, pi, p))
+        if self.check_finite and todo:
+            finite = torch.stack([p.grad.isfinite().all().to("cpu") for _, _, p in todo])
+            if not bool(finite.all()):  # explicit opt-in host sync
+                gi, pi, p = todo[int((~finite).nonzero()[0])]
+                raise RuntimeError(
+                    f"check_finite=True: the gradient of {self._param_name(gi, pi, p)} holds NaN or inf; "
+                    "nothing was updated (skip this step, lower the learning rate, or use a GradScaler)"
+                )
+        return todo
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            # Same placement and dtypes as torch so state_dicts are interchangeable.
+            if group["capturable"] or group["fused"]:
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]), device=p.device)
+            else:
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif group["amsgrad"] and "max_exp_avg_sq" not in state:
+            # amsgrad switched on for a param that already has state (e.g. a torch checkpoint without it).
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def _fused_step(self, todo: list[tuple[int, int, Tensor]]) -> None:
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        stats = self._stats
+        measuring = stats is not None and stats.measuring_this_step()
+        use_sumsq = measuring and stats.mode in ("diag", "lowrank")
+        rows: dict[int, Tensor] = {}
+        lrs: dict[int, float] = {}
+        by_group: dict[int, list[Tensor]] = defaultdict(list)
+        for gi, _, p in todo:
+            by_group[gi].append(p)
+        for gi, plist in by_group.items():
+            group = self.param_groups[gi]
+            beta1, beta2 = group["betas"]
+            amsgrad = group["amsgrad"]
+            lr = _scalar(group["lr"])
+            buckets: dict[tuple[str, torch.device, torch.dtype], dict[str, list[Tensor]]] = {}
+            for p in plist:
+                state = self._init_state(group, p)
+                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
+                if amsgrad:
+                    tensors.append(state["max_exp_avg_sq"])
+                if p.is_complex():
+                    tensors = [torch.view_as_real(t) for t in tensors]
+                dtype = tensors[0].dtype
+                backend = ops.resolve_backend(self.backend, p.device, dtype)
+                step_t = state["step"]
+                if backend == "cpp" and not (
+                    all(t.is_contiguous() and t.dtype == dtype for t in tensors)
+                    and step_t.device.type == "cpu"
+                    and step_t.dtype == torch.float32
+                ):
+                    # The fused kernel walks flat memory; strided/mixed-dtype tensors take the reference path.
+                    backend = "reference"
+                b = buckets.setdefault((backend, p.device, dtype), defaultdict(list))
+                b["params"].append(tensors[0])
+                b["grads"].append(tensors[1])
+                b["exp_avgs"].append(tensors[2])
+                b["exp_avg_sqs"].append(tensors[3])
+                if amsgrad:
+                    b["max_exp_avg_sqs"].append(tensors[4])
+                b["steps"].append(step_t)
+                b["orig"].append(p)
+                if use_sumsq:
+                    q = stats.sumsq_buffer(p)
+                    b["sumsq"].append(q if q is not None else torch.zeros(tensors[0].shape, dtype=torch.float32, device=p.device))
+                lrs[id(p)] = lr
+            for (backend, device, _), b in buckets.items():
+                stats_out = None
+                if measuring:
+                    stats_out = torch.empty(len(b["params"]), 4, dtype=torch.float64, device=device)
+                ops.adamw_step_(
+                    backend,
+                    b["params"],
+                    b["grads"],
+                    b["exp_avgs"],
+                    b["exp_avg_sqs"],
+                    b.get("max_exp_avg_sqs", []),
+                    b["steps"],
+                    lr=lr,
+                    beta1=_scalar(beta1),
+                    beta2=_scalar(beta2),
+                    weight_decay=_scalar(group["weight_decay"]),
+                    eps=group["eps"],
+                    amsgrad=amsgrad,
+                    maximize=group["maximize"],
+                    grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                    found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+                    sumsq_bufs=b.get("sumsq", []),
+                    stats_out=stats_out,
+                )
+                if stats_out is not None:
+                    for i, p in enumerate(b["orig"]):
+                        rows[id(p)] = stats_out[i]
+        if stats is not None:
+            stats.finish_step(
+                rows, lrs, found_inf=found_inf, grad_scale=grad_scale,
+                precond="new" if stats.mode in ("diag", "lowrank") else "prev",
+            )
+
+    def _differentiable_step(self) -> None:
+        # Autograd through the update: torch's own single-tensor path (same math), not a fused kernel.
+        from torch.optim.adam import adam as _torch_adam
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            beta1, beta2 = group["betas"]
+            _torch_adam(
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"], foreach=False,
+                capturable=group["capturable"], differentiable=True, fused=False,
+                grad_scale=None, found_inf=None, decoupled_weight_decay=True,
+            )
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step (see ``torch.optim.AdamW.step``).
+
+        Every parameter is validated first; a step that raises leaves parameters and state untouched.
+        """
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.defaults["differentiable"]:
+            prev = torch.is_grad_enabled()
+            torch.set_grad_enabled(True)
+            try:
+                self._validate()
+                self._differentiable_step()
+            finally:
+                torch.set_grad_enabled(prev)
+            return loss
+        todo = self._validate()
+        if todo:
+            self._fused_step(todo)
+        if self._probes:
+            self._run_probes()
+        return loss

@@ -1,0 +1,624 @@
+"""Micro-batch capture and the per-step noise statistics (SPEC §2–§3), shared by every pnekern optimizer.
+
+How it works:
+  * a tensor hook on every parameter sees each backward's contribution x_k before autograd adds it to p.grad;
+    it accumulates Σ_k‖x_k‖² and Σ_k‖A x_k‖² (trace mode: two float64 scalars per tensor, no per-element memory),
+    plus Σ_k x_k² per element (diag mode) or a Nyström sketch Σ_k x_k(x_kᵀΩ) (lowrank mode);
+  * the optimizer's fused step returns per-tensor ‖ḡ‖², ‖A_{t-1}ḡ‖², ‖A_t ḡ‖², Σ a_t² q (``STATS_COLUMNS``);
+  * :meth:`NoiseStats.finish_step` combines both into unbiased trace estimates, the noise scale and the exposure
+    integrals, as device tensors; nothing is read on the host until the user asks.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+__all__ = ["NoiseStats", "StepStats", "STATS_MODES", "KAPPA_MODES", "kappa_value", "engines_for"]
+
+import weakref
+
+_ENGINES: "weakref.WeakSet[NoiseStats]" = weakref.WeakSet()
+
+
+def engines_for(params: Sequence[Tensor]) -> list["NoiseStats"]:
+    """The statistics engines tracking any of ``params`` (used by pnekern.clip_grad_norm_)."""
+    ids = {id(p) for p in params}
+    return [e for e in list(_ENGINES) if any(pid in ids for pid in e.slots)]
+
+STATS_MODES = (None, "trace", "diag", "lowrank")
+KAPPA_MODES = ("ema", "heavy_ball", "calibrated")
+
+
+def kappa_value(kappa: str | float, beta1: float) -> float:
+    """Long-run variance amplification of the momentum filter (SPEC §3).
+
+    ``"ema"`` (Adam's m ← β1 m + (1−β1) g): 1. ``"heavy_ball"`` (u ← β1 u + g, the drafts' value): 1/(1−β1)².
+    A float is used as given. ``"calibrated"`` starts at the ``"ema"`` value until the calibrator reports.
+    """
+    if isinstance(kappa, (int, float)) and not isinstance(kappa, bool):
+        if not kappa > 0:
+            raise ValueError(f"kappa={kappa!r} must be a positive float or one of {KAPPA_MODES}")
+        return float(kappa)
+    if kappa == "heavy_ball":
+        return 1.0 / (1.0 - beta1) ** 2
+    if kappa in ("ema", "calibrated"):
+        return 1.0
+    raise ValueError(f"kappa={kappa!r} is not supported; use one of {KAPPA_MODES} or a positive float")
+
+
+def bias_corrected_coefficient(lr: float, beta1: float, step: int, horizon: float = 1e-10) -> float:
+    """c_s = Σ_{t≥s} η (1−β1) β1^{t−s} / (1−β1^t): total displacement caused by the gradient of step s.
+
+    Assumes the learning rate stays at its current value for the steps that follow (the sum converges after
+    ~log(horizon)/log(β1) terms). c_1 ≈ 3.0η at β1 = 0.9 (SPEC §3); large s gives η.
+    """
+    if beta1 == 0.0:
+        return lr
+    total, w, t = 0.0, 1.0 - beta1, step
+    while w > horizon:
+        total += w / (1.0 - beta1**t)
+        w *= beta1
+        t += 1
+    return lr * total
+
+
+@dataclass
+class StepStats:
+    """The statistics of one optimizer step. Scalars are 0-dim device tensors (or None) until read.
+
+    Units (θ = parameter units): ``trace_noise`` tr Σ_step [g²], ``trace_precond_noise`` Tr(AΣ_stepA) [θ²/lr²],
+    ``grad_norm_sq``/``grad_norm_sq_unbiased`` [g²], ``noise_scale`` B_simple [examples], ``temperature`` NE_t =
+    η κ Tr(AΣA) [θ²/step·(1/η)], ``diffusion`` D_t = η² κ Tr(AΣA) [θ²/step], ``pne`` Σ D_t [θ²],
+    ``curvature`` Tr(A Ĥ A) [1/θ²·θ²] and ``pne_star`` NE_t / Curv_t [dimensionless].
+    """
+
+    step: int
+    lr: float
+    num_contributions: int
+    trace_noise: Tensor | None
+    trace_precond_noise: Tensor | None
+    grad_norm_sq: Tensor | None
+    grad_norm_sq_unbiased: Tensor | None
+    noise_scale: Tensor | None
+    noise_scale_raw: Tensor | None
+    temperature: Tensor | None
+    diffusion: Tensor | None
+    pne: Tensor
+    curvature: Tensor | float | None
+    pne_star: Tensor | None
+    kappa: float
+    held: bool = False
+    skipped: Tensor | None = None
+    curvature_held: bool = False
+    precond: str = "prev"
+    per_param: dict[str, dict[str, Any]] = field(default_factory=dict)
+    temperature_preclip: Tensor | None = None
+    clip_coef: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (one batched device→host transfer). NaN where the variance is undefined (n = 1)."""
+        keys = [
+            "trace_noise", "trace_precond_noise", "grad_norm_sq", "grad_norm_sq_unbiased", "noise_scale",
+            "noise_scale_raw", "temperature", "diffusion", "pne", "curvature", "pne_star", "skipped",
+            "temperature_preclip", "clip_coef",
+        ]
+        tensors, where = [], []
+        for k in keys:
+            v = getattr(self, k)
+            if isinstance(v, Tensor):
+                tensors.append(v.detach().reshape(()).to(torch.float64))
+                where.append(("top", k, None))
+        for name, d in self.per_param.items():
+            for k, v in d.items():
+                if isinstance(v, Tensor):
+                    tensors.append(v.detach().reshape(()).to(torch.float64))
+                    where.append(("pp", name, k))
+        values = _to_host(tensors)
+        out: dict[str, Any] = {
+            "step": self.step, "lr": self.lr, "num_contributions": self.num_contributions, "kappa": self.kappa,
+            "held": self.held, "curvature_held": self.curvature_held, "precond": self.precond,
+        }
+        for k in keys:
+            v = getattr(self, k)
+            out[k] = v if not isinstance(v, Tensor) else None
+        per_param: dict[str, dict[str, Any]] = {n: {k: (v if not isinstance(v, Tensor) else None) for k, v in d.items()} for n, d in self.per_param.items()}
+        for (kind, a, b), val in zip(where, values):
+            if kind == "top":
+                out[a] = val
+            else:
+                per_param[a][b] = val
+        if out["skipped"] is not None:
+            out["skipped"] = bool(out["skipped"])
+        out["per_param"] = per_param
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The log record: like to_dict() but keeps device tensors (no sync)."""
+        rec = {k: getattr(self, k) for k in (
+            "step", "lr", "num_contributions", "trace_noise", "trace_precond_noise", "grad_norm_sq",
+            "grad_norm_sq_unbiased", "noise_scale", "noise_scale_raw", "temperature", "diffusion", "pne",
+            "curvature", "pne_star", "kappa", "held", "skipped", "curvature_held", "temperature_preclip",
+            "clip_coef")}
+        rec["per_param"] = self.per_param
+        return rec
+
+
+def _to_host(tensors: list[Tensor]) -> list[float]:
+    if not tensors:
+        return []
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dev.setdefault(t.device, []).append(i)
+    out = [0.0] * len(tensors)
+    for dev, idx in by_dev.items():
+        vals = torch.stack([tensors[i] for i in idx]).cpu().tolist()
+        for i, v in zip(idx, vals):
+            out[i] = v
+    return out
+
+
+class _ParamSlot:
+    """Per-parameter accumulators for the current step."""
+
+    __slots__ = ("param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "device_key")
+
+    def __init__(self, param: Tensor, name: str, index: int) -> None:
+        self.param = param
+        self.name = name
+        self.index = index
+        self.acc = torch.zeros(2, dtype=torch.float64, device=param.device)
+        self.count = 0
+        self.sumsq: Tensor | None = None
+        self.sketch: Tensor | None = None
+        self.omega_seed = 0
+        self.handle = None
+
+
+class NoiseStats:
+    """Gradient-noise statistics engine attached to one optimizer.
+
+    Args:
+        optimizer: the optimizer whose parameters are tracked (hooks are registered on them, and on groups added
+            later through ``track_group``).
+        mode: ``"trace"`` (scalars only), ``"diag"`` (one fp32 Σ_k x_k² buffer per parameter: per-element diag Σ,
+            exact A_t), ``"lowrank"`` (diag + a d×r Nyström sketch per parameter).
+        precond: callable ``(param) -> (v or None, inv_sqrt_bc2, eps)`` giving Adam's second moment before this
+            step's update (A_{t−1}); SGD passes ``lambda p: (None, 1.0, 0.0)`` (A = I).
+        beta1: momentum coefficient used by the κ and bias-correction conventions.
+        batch_size: examples per optimizer step B (enables ``noise_scale``).
+        kappa, bias_corrected, stats_every, rank, gns_beta, backend: see ``pnekern.AdamW``.
+        data_parallel: None (auto: torch.distributed initialized with world size > 1), True or False.
+        process_group: the group DDP averages over (default: the world).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        mode: str,
+        precond: Callable[[Tensor], tuple[Tensor | None, float, float]],
+        *,
+        beta1: Callable[[Tensor], float],
+        batch_size: int | None = None,
+        kappa: str | float = "ema",
+        bias_corrected: bool = False,
+        stats_every: int = 1,
+        rank: int = 8,
+        gns_beta: float = 0.95,
+        backend: str = "auto",
+        data_parallel: bool | None = None,
+        process_group: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in STATS_MODES or mode is None:
+            raise ValueError(f"stats={mode!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int (examples per optimizer step) or None")
+        if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
+            raise ValueError(f"stats_every={stats_every!r} must be a positive int")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"stats_rank={rank!r} must be a positive int")
+        if not 0.0 <= gns_beta < 1.0:
+            raise ValueError(f"gns_beta={gns_beta!r} must be in [0, 1)")
+        kappa_value(kappa, 0.9)  # validates
+        self.optimizer = optimizer
+        self.mode = mode
+        self.precond = precond
+        self.beta1_of = beta1
+        self.batch_size = batch_size
+        self.kappa = kappa
+        self.bias_corrected = bool(bias_corrected)
+        self.stats_every = stats_every
+        self.rank = rank
+        self.backend = backend
+        self.data_parallel = data_parallel
+        self.process_group = process_group
+        self.seed = int(seed)
+        self.slots: dict[int, _ParamSlot] = {}
+        from .ema import NoiseScaleEMA
+        from .log import ExposureLog
+
+        self.gns = NoiseScaleEMA(gns_beta)
+        self.log = ExposureLog()
+        self.pne: Tensor | None = None
+        self.step_count = 0  # optimizer steps seen (host int; includes steps GradScaler skips)
+        self.last: StepStats | None = None
+        self.last_diffusion: Tensor | None = None
+        self.last_temperature: Tensor | None = None
+        self.curvature: Tensor | float | None = None
+        self.curvature_step: int | None = None
+        self.calibrated_kappa: float | None = None
+        self.covariances: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._warned_single = False
+        self.clip_coef: Tensor | None = None
+        self.grad_scaler: Any = None
+        _ENGINES.add(self)
+        for gi, group in enumerate(optimizer.param_groups):
+            self.track_group(group, gi)
+
+    # ------------------------------------------------------------------ hooks
+    def track_group(self, group: dict[str, Any], gi: int) -> None:
+        """Register capture hooks on a param group's parameters (called for groups added later too)."""
+        names = group.get("param_names")
+        for pi, p in enumerate(group["params"]):
+            if id(p) in self.slots or not p.requires_grad:
+                continue
+            name = names[pi] if names is not None else f"group{gi}.param{pi}"
+            slot = _ParamSlot(p, name, len(self.slots))
+            slot.handle = p.register_hook(self._make_hook(slot))
+            self.slots[id(p)] = slot
+
+    def remove_hooks(self) -> None:
+        for slot in self.slots.values():
+            if slot.handle is not None:
+                slot.handle.remove()
+                slot.handle = None
+
+    def _make_hook(self, slot: _ParamSlot) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            self._capture(slot, grad)
+            return None
+
+        return hook
+
+    def measuring_this_step(self) -> bool:
+        """Whether the coming step computes statistics (every ``stats_every``-th step, and the first)."""
+        return self.step_count % self.stats_every == 0
+
+    @torch.no_grad()
+    def _capture(self, slot: _ParamSlot, x: Tensor) -> None:
+        if not self.measuring_this_step():
+            return
+        if x.is_sparse:
+            return  # the optimizer rejects sparse gradients at step time with a clear error
+        p = slot.param
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        v, inv_sqrt_bc2, eps = self.precond(p)
+        if v is not None and v.is_complex():
+            v = torch.view_as_real(v)
+        sumsq = None
+        if self.mode in ("diag", "lowrank"):
+            if slot.sumsq is None or slot.sumsq.shape != x.shape:
+                slot.sumsq = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            sumsq = slot.sumsq
+        backend = ops.resolve_backend(self.backend, x.device, x.dtype) if self.backend != "reference" else "reference"
+        ops.microbatch_accumulate_(backend, slot.acc, x, v, inv_sqrt_bc2, eps, 1.0, sumsq)
+        if self.mode == "lowrank":
+            flat = x.reshape(-1).to(torch.float32)
+            omega = self._omega(slot, flat.numel(), flat.device)
+            proj = flat @ omega  # [r]
+            if slot.sketch is None or slot.sketch.shape[0] != flat.numel():
+                slot.sketch = torch.zeros(flat.numel(), omega.shape[1], dtype=torch.float32, device=flat.device)
+            slot.sketch.addr_(flat, proj)
+        slot.count += 1
+
+    def _omega(self, slot: _ParamSlot, d: int, device: torch.device) -> Tensor:
+        # Ω is regenerated from (seed, step, tensor index) instead of stored: same Ω for every contribution of
+        # a step, fresh across steps, d×r memory only transiently.
+        r = min(self.rank, d)
+        g = torch.Generator(device=device)
+        g.manual_seed((self.seed * 1_000_003 + self.step_count * 7919 + slot.index) & 0x7FFF_FFFF_FFFF_FFFF)
+        return torch.randn(d, r, generator=g, device=device, dtype=torch.float32)
+
+    def reset(self) -> None:
+        """Drop this step's accumulated contributions (called after each step and by zero_grad)."""
+        for slot in self.slots.values():
+            if slot.count:
+                slot.acc.zero_()
+                slot.count = 0
+                if slot.sumsq is not None:
+                    slot.sumsq.zero_()
+                if slot.sketch is not None:
+                    slot.sketch.zero_()
+
+    # ------------------------------------------------------------------ step
+    def sumsq_buffer(self, p: Tensor) -> Tensor | None:
+        """The diag-mode Σ_k x_k² buffer of ``p`` for the fused step (None in trace mode / nothing captured)."""
+        slot = self.slots.get(id(p))
+        if slot is None or slot.sumsq is None or not slot.count:
+            return None
+        return slot.sumsq
+
+    def _world(self) -> tuple[int, Any]:
+        dp = self.data_parallel
+        if dp is False:
+            return 1, None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            w = dist.get_world_size(self.process_group)
+            if w > 1 or dp:
+                return w, self.process_group
+        if dp:
+            raise RuntimeError("data_parallel=True but torch.distributed is not initialized")
+        return 1, None
+
+    @torch.no_grad()
+    def finish_step(
+        self,
+        rows: dict[int, Tensor],
+        lrs: dict[int, float],
+        *,
+        found_inf: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+        precond: str = "prev",
+    ) -> StepStats | None:
+        """Combine hook accumulators with the fused step's per-tensor rows into this step's statistics.
+
+        Args:
+            rows: id(param) -> float64 [4] row (``STATS_COLUMNS``) for every parameter stepped this time.
+            lrs: id(param) -> the learning rate its group used.
+            found_inf: GradScaler's flag; a flagged step contributes no exposure and is marked ``skipped``.
+            grad_scale: the loss scale still applied to the captured contributions (divided out here).
+            precond: ``"prev"`` (A_{t−1}, trace mode) or ``"new"`` (exact A_t, diag/lowrank modes).
+        """
+        measuring = self.measuring_this_step()
+        self.step_count += 1
+        kappa = self.current_kappa()
+        if not measuring:
+            # Between measurements the exposure rate is held at its last measured value (marked in the log).
+            self.reset()
+            if self.last_diffusion is None:
+                return None
+            lr0 = next(iter(lrs.values())) if lrs else 0.0
+            self.pne = self.pne + self.last_diffusion if self.pne is not None else self.last_diffusion.clone()
+            stats = StepStats(
+                step=self.step_count, lr=lr0, num_contributions=0, trace_noise=None, trace_precond_noise=None,
+                grad_norm_sq=None, grad_norm_sq_unbiased=None, noise_scale=self.gns.value() if self.batch_size else None,
+                noise_scale_raw=None, temperature=self.last_temperature, diffusion=self.last_diffusion,
+                pne=self.pne.clone(), curvature=self.curvature, pne_star=self._pne_star(self.last_temperature),
+                kappa=kappa, held=True, curvature_held=self.curvature_step is not None,
+            )
+            self.last = stats
+            self.log.append(stats.record())
+            return stats
+
+        world, group = self._world()
+        slots = [self.slots[pid] for pid in rows if pid in self.slots]
+        counts = [s.count for s in slots]
+        # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q]
+        if not slots:
+            self.reset()
+            return None
+        device = slots[0].acc.device
+        table = torch.stack([
+            torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), rows[id(s.param)].to(device)])
+            for s in slots
+        ])  # [P, 7]
+        if world > 1:
+            import torch.distributed as dist
+
+            sums = table[:, :3].contiguous()
+            dist.all_reduce(sums, group=group)  # only scalars cross the network
+            table[:, :3] = sums
+            if self.mode in ("diag", "lowrank"):
+                for s in slots:
+                    if s.sumsq is not None:
+                        dist.all_reduce(s.sumsq, group=group)
+        if grad_scale is None and self.grad_scaler is not None:
+            # The user unscaled p.grad explicitly (scaler.unscale_, e.g. for clipping): the captured contributions
+            # still carry the loss scale.
+            grad_scale = getattr(self.grad_scaler, "_scale", None)
+        if grad_scale is not None:
+            inv2 = grad_scale.to(device=device, dtype=torch.float64).reciprocal().square()
+            table[:, 0:2] = table[:, 0:2] * inv2
+            table[:, 6] = table[:, 6] * inv2
+        clip = None
+        if self.clip_coef is not None:
+            # p.grad was multiplied by c after capture: the step uses c·ḡ whose noise covariance is c²Σ_step.
+            clip = self.clip_coef.to(device=device, dtype=torch.float64)
+            table[:, 0:2] = table[:, 0:2] * clip.square()
+            table[:, 6] = table[:, 6] * clip.square()
+            self.clip_coef = None
+        n = table[:, 2]
+        w2 = float(world * world)
+        g2 = table[:, 3]
+        g2_a = table[:, 4] if precond == "prev" else table[:, 5]
+        s1 = table[:, 0]
+        s1_a = table[:, 1] if precond == "prev" else table[:, 6]
+        # SPEC §2: diag Σ_step = n s² / W², s² = (Σx² − (Σx)²/n)/(n−1), Σx = W·p.grad.
+        denom = (n - 1.0) * w2
+        valid = n >= 2
+        nan = torch.full_like(n, float("nan"))
+        tr = torch.where(valid, n * (s1 - w2 * g2 / n.clamp(min=1)) / denom.clamp(min=1e-300), nan)
+        tr_a = torch.where(valid, n * (s1_a - w2 * g2_a / n.clamp(min=1)) / denom.clamp(min=1e-300), nan)
+        n_total = int(max(counts) * world) if counts else 0
+        if any(c < 2 for c in counts) and world == 1 and not self._warned_single:
+            warnings.warn(
+                "pnekern stats: a step had fewer than 2 gradient contributions for some parameters, so the noise "
+                "variance is undefined there and reported as NaN. Split each batch into >= 2 micro-batches "
+                "(call backward once per micro-batch before step()).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_single = True
+
+        lr_vec = torch.tensor([lrs[id(s.param)] for s in slots], dtype=torch.float64, device=device)
+        if self.bias_corrected:
+            eff = torch.tensor(
+                [bias_corrected_coefficient(lrs[id(s.param)], self.beta1_of(s.param), self.step_count) for s in slots],
+                dtype=torch.float64, device=device,
+            )
+        else:
+            eff = lr_vec
+        temp_p = eff * kappa * tr_a
+        diff_p = eff * eff * kappa * tr_a
+        trace_noise = tr.sum()
+        trace_a = tr_a.sum()
+        grad_sq = g2.sum()
+        grad_sq_unb = grad_sq - trace_noise
+        temperature = temp_p.sum()
+        diffusion = diff_p.sum()
+        skipped = None
+        if found_inf is not None:
+            skipped = found_inf.to(device=device).reshape(()) != 0
+            zero = torch.zeros((), dtype=torch.float64, device=device)
+            diffusion = torch.where(skipped, zero, diffusion)
+            temperature = torch.where(skipped, zero, temperature)
+        temperature_preclip = None if clip is None else temperature / clip.square()
+        noise_scale = noise_scale_raw = None
+        if self.batch_size is not None:
+            num = self.batch_size * trace_noise
+            noise_scale_raw = num / grad_sq_unb
+            if skipped is None:
+                self.gns.update(num, grad_sq_unb)
+            else:
+                self.gns.update(torch.where(skipped, nan[0], num), torch.where(skipped, nan[0], grad_sq_unb))
+            noise_scale = self.gns.value()
+        # NaN exposure (n = 1) must not poison the integral: it adds nothing and the record says NaN.
+        d_add = torch.nan_to_num(diffusion, nan=0.0)
+        self.pne = d_add.clone() if self.pne is None else self.pne + d_add
+        self.last_diffusion = d_add
+        self.last_temperature = torch.nan_to_num(temperature, nan=0.0)
+        per_param: dict[str, dict[str, Any]] = {}
+        for i, s in enumerate(slots):
+            per_param[s.name] = {
+                "num_contributions": counts[i] * world,
+                "trace_noise": tr[i],
+                "trace_precond_noise": tr_a[i],
+                "grad_norm_sq": g2[i],
+                "temperature": temp_p[i],
+                "diffusion": diff_p[i],
+                "lr": lrs[id(s.param)],
+            }
+        if self.mode == "lowrank":
+            self._lowrank_factors(slots, table, world)
+        stats = StepStats(
+            step=self.step_count,
+            lr=float(lr_vec[0]) if lr_vec.device.type == "cpu" else next(iter(lrs.values())),
+            num_contributions=n_total,
+            trace_noise=trace_noise,
+            trace_precond_noise=trace_a,
+            grad_norm_sq=grad_sq,
+            grad_norm_sq_unbiased=grad_sq_unb,
+            noise_scale=noise_scale,
+            noise_scale_raw=noise_scale_raw,
+            temperature=temperature,
+            diffusion=diffusion,
+            pne=self.pne.clone(),
+            curvature=self.curvature,
+            pne_star=self._pne_star(temperature),
+            kappa=kappa,
+            skipped=skipped,
+            curvature_held=self.curvature_step is not None and self.curvature_step != self.step_count,
+            precond=precond,
+            per_param=per_param,
+            temperature_preclip=temperature_preclip,
+            clip_coef=clip,
+        )
+        self.last = stats
+        self.log.append(stats.record())
+        self.reset()
+        return stats
+
+    def _pne_star(self, temperature: Tensor | None, floor: float = 1e-12) -> Tensor | None:
+        if temperature is None or self.curvature is None:
+            return None
+        curv = self.curvature if isinstance(self.curvature, Tensor) else torch.tensor(float(self.curvature), dtype=torch.float64)
+        curv = curv.to(device=temperature.device, dtype=torch.float64)
+        return temperature / curv.clamp(min=floor)
+
+    def current_kappa(self) -> float:
+        if self.kappa == "calibrated" and self.calibrated_kappa is not None:
+            return self.calibrated_kappa
+        beta1 = next((self.beta1_of(s.param) for s in self.slots.values()), 0.9)
+        return kappa_value(self.kappa, beta1)
+
+    def set_curvature(self, value: Tensor | float, step: int | None = None) -> None:
+        """Record a curvature reference Curv_t = Tr(A Ĥ A); it is carried forward (flagged) until the next one."""
+        if isinstance(value, Tensor):
+            value = value.detach().to(torch.float64)
+        self.curvature = value
+        self.curvature_step = self.step_count if step is None else step
+
+    # ------------------------------------------------------------------ lowrank
+    def _lowrank_factors(self, slots: Sequence[_ParamSlot], table: Tensor, world: int) -> None:
+        """Nyström factors U S Uᵀ + D of Σ_step per parameter from this step's sketch (SPEC §2)."""
+        w2 = float(world * world)
+        for i, s in enumerate(slots):
+            if s.sketch is None or s.count < 1:
+                continue
+            n = float(table[i, 2]) if table.device.type == "cpu" else s.count * world
+            if n < 2:
+                continue
+            p = s.param
+            g = (torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad).reshape(-1).to(torch.float32)
+            omega = self._omega_for_step(s, g.numel(), g.device)
+            # Σ_k x_k x_kᵀ Ω − (1/n)(Σx)(Σx)ᵀΩ, Σx = W·p.grad, then the Σ_step scaling n/((n−1)W²).
+            gsum = g * world
+            y = s.sketch - torch.outer(gsum, gsum @ omega) / n
+            y = y * (n / ((n - 1.0) * w2))
+            u, lam = nystrom(y, omega)
+            diag_sigma = s.sumsq.reshape(-1).to(torch.float32) - gsum * gsum / n
+            diag_sigma = diag_sigma * (n / ((n - 1.0) * w2))
+            resid = (diag_sigma - (u * u) @ lam).clamp(min=0.0)
+            self.covariances[s.name] = (u, lam, resid)
+
+    def _omega_for_step(self, slot: _ParamSlot, d: int, device: torch.device) -> Tensor:
+        # finish_step already advanced step_count: regenerate the Ω the hooks used this step.
+        self.step_count -= 1
+        try:
+            return self._omega(slot, d, device)
+        finally:
+            self.step_count += 1
+
+
+def nystrom(y: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable Nyström approximation C ≈ U diag(λ) Uᵀ from a sketch Y = C Ω (Tropp et al. 2017, shifted).
+
+    Args:
+        y: [d, r] sketch of a PSD matrix C.
+        omega: [d, r] the test matrix used for the sketch.
+    Returns:
+        U [d, r] with orthonormal columns and λ [r] ≥ 0 (descending).
+    """
+    y = y.to(torch.float64)
+    omega = omega.to(torch.float64)
+    nu = torch.finfo(torch.float32).eps * max(torch.linalg.matrix_norm(y, ord="fro").item(), 1e-30)
+    y_nu = y + nu * omega
+    b = omega.T @ y_nu
+    b = 0.5 * (b + b.T)
+    try:
+        c = torch.linalg.cholesky(b)
+        f = torch.linalg.solve_triangular(c, y_nu.T, upper=False).T
+    except RuntimeError:
+        # Rank-deficient core (few contributions): fall back to the pseudo-inverse square root.
+        evals, evecs = torch.linalg.eigh(b)
+        keep = evals > evals.max().clamp(min=0) * 1e-10
+        inv_sqrt = evecs[:, keep] / evals[keep].sqrt()
+        f = y_nu @ inv_sqrt
+    u, sig, _ = torch.linalg.svd(f, full_matrices=False)
+    lam = (sig * sig - nu).clamp(min=0.0)
+    return u.to(torch.float32), lam.to(torch.float32)
+
+
+def nan_scalar(device: torch.device | str = "cpu") -> Tensor:
+    return torch.tensor(math.nan, dtype=torch.float64, device=device)
