@@ -460,4 +460,4 @@ def test_build_info_reports_compiled_cpp_backend():
     info = pnekern.build_info()
     assert info["native"] is not None, info.get("load_error")
     assert "cpp" in info["backends"]
-    assert "-fno-math-errno" in info["native"]["flags"]
+    assert "-fno-math-errno" in info["native"]["cxx_flags"]

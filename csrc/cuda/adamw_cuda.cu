@@ -1,0 +1,295 @@
+// Fused multi-tensor AdamW (+ SPEC §2 stats) CUDA kernels. One launch covers every tensor: a device table of
+// tensors and a table of fixed-size chunks; block b processes chunk b. Stats use a two-stage deterministic
+// reduction (fixed-shape block tree per chunk, then a fixed-order sum over a tensor's chunks) and no atomics, so
+// they are bitwise reproducible run to run.
+//
+// Math mirrors csrc/cpu/adamw_cpu.cpp operation by operation. Division and sqrt use the correctly rounded
+// intrinsics (__fdiv_rn, __fsqrt_rn) so the result does not depend on --use_fast_math.
+#include "adamw_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "pnekern/half.h"
+
+#define PNEKERN_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                             \
+    const cudaError_t pnekern_err_ = (expr);                                                       \
+    if (pnekern_err_ != cudaSuccess) {                                                             \
+      std::ostringstream pnekern_os_;                                                              \
+      pnekern_os_ << __FILE__ << ":" << __LINE__ << ": " #expr " failed: "                         \
+                  << cudaGetErrorString(pnekern_err_);                                             \
+      throw std::runtime_error(pnekern_os_.str());                                                 \
+    }                                                                                              \
+  } while (0)
+
+namespace pnekern {
+namespace {
+
+// Device-side tensor record: pointers plus the host-computed fp32 coefficients and the tensor's chunk range.
+struct DevTensor {
+  void* param;
+  void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  const float* sumsq;
+  int64_t numel;
+  int64_t first_chunk;
+  int64_t nchunks;
+  float decay;
+  float neg_step_size;
+  float bc2_sqrt;
+  float inv_prev_bc2_sqrt;
+  float prev_on;
+};
+
+struct DevChunk {
+  int64_t tensor;
+  int64_t begin;
+};
+
+constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+struct WorkspaceLayout {
+  size_t tensors_off, chunks_off, partials_off, total;
+};
+
+int64_t count_chunks(const AdamWTensor* tensors, int64_t ntensors) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < ntensors; ++i) c += (tensors[i].numel + kAdamWCudaChunk - 1) / kAdamWCudaChunk;
+  return c;
+}
+
+WorkspaceLayout layout_for(int64_t ntensors, int64_t nchunks) {
+  WorkspaceLayout l;
+  l.tensors_off = 0;
+  l.chunks_off = align_up(sizeof(DevTensor) * static_cast<size_t>(ntensors), 256);
+  l.partials_off = l.chunks_off + align_up(sizeof(DevChunk) * static_cast<size_t>(nchunks), 256);
+  l.total = l.partials_off + sizeof(double) * kAdamWStatsCols * static_cast<size_t>(nchunks);
+  return l;
+}
+
+// Fixed-shape shared-memory tree over the block: the same pairing every launch, hence deterministic.
+template <int THREADS>
+__device__ void block_sum4(double (&v)[kAdamWStatsCols], double (*shared)[THREADS]) {
+  for (int k = 0; k < kAdamWStatsCols; ++k) shared[k][threadIdx.x] = v[k];
+  __syncthreads();
+  for (int stride = THREADS / 2; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.x) < stride)
+      for (int k = 0; k < kAdamWStatsCols; ++k) shared[k][threadIdx.x] += shared[k][threadIdx.x + stride];
+    __syncthreads();
+  }
+  for (int k = 0; k < kAdamWStatsCols; ++k) v[k] = shared[k][0];
+}
+
+template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>
+__global__ void __launch_bounds__(kAdamWCudaThreads)
+    adamw_chunk_kernel(const DevTensor* __restrict__ tensors, const DevChunk* __restrict__ chunks, float w1,
+                       float beta2, float one_minus_beta2, float eps, float sign, bool small_w,
+                       const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
+                       double* __restrict__ partials) {
+  using S = Storage<T>;
+  __shared__ double shared[kAdamWStatsCols][kAdamWCudaThreads];
+  const DevChunk ch = chunks[blockIdx.x];
+  const DevTensor& t = tensors[ch.tensor];
+  // A skipped step (inf/nan grads) leaves every buffer untouched; the stats it produces are zeros.
+  const bool skip = found_inf != nullptr && *found_inf != 0.0f;
+  double acc[kAdamWStatsCols] = {0.0, 0.0, 0.0, 0.0};
+  if (!skip) {
+    T* __restrict__ p = static_cast<T*>(t.param);
+    T* __restrict__ gp = static_cast<T*>(t.grad);
+    T* __restrict__ mp = static_cast<T*>(t.exp_avg);
+    T* __restrict__ vp = static_cast<T*>(t.exp_avg_sq);
+    T* __restrict__ vmaxp = static_cast<T*>(t.max_exp_avg_sq);
+    const float* __restrict__ qp = t.sumsq;
+    const float scale = UNSCALE ? *grad_scale : 1.0f;
+    const float w1m1 = w1 - 1.0f;
+    const int64_t end = min(ch.begin + kAdamWCudaChunk, t.numel);
+    for (int64_t i = ch.begin + threadIdx.x; i < end; i += blockDim.x) {
+      float g = S::load(gp[i]);
+      if (UNSCALE) {
+        g = __fdiv_rn(g, scale);
+        gp[i] = S::store(g);
+      }
+      g = g * sign;
+      float param = __fmul_rn(S::load(p[i]), t.decay);
+      const float m_old = S::load(mp[i]);
+      // torch's lerp formula switch at |weight| = 0.5; explicit _rn ops keep nvcc from contracting into FMAs so the
+      // rounding matches the CPU kernel.
+      const float m = small_w ? __fadd_rn(m_old, __fmul_rn(w1, __fsub_rn(g, m_old)))
+                              : __fadd_rn(g, __fmul_rn(w1m1, __fsub_rn(g, m_old)));
+      const float v_old = S::load(vp[i]);
+      const float v = __fadd_rn(__fmul_rn(v_old, beta2), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
+      float v_use = v;
+      float v_prev = v_old;
+      if (AMSGRAD) {
+        const float vmax_old = S::load(vmaxp[i]);
+        v_use = !(vmax_old >= v) ? v : vmax_old;  // NaN propagates, as torch.maximum
+        vmaxp[i] = S::store(v_use);
+        v_prev = vmax_old;
+      }
+      const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_use), t.bc2_sqrt), eps);
+      param = __fadd_rn(param, __fdiv_rn(__fmul_rn(t.neg_step_size, m), denom));
+      p[i] = S::store(param);
+      mp[i] = S::store(m);
+      vp[i] = S::store(v);
+      if (STATS) {
+        const float g2 = __fmul_rn(g, g);
+        const float a_new = __fdiv_rn(1.0f, denom);
+        const float a_prev_raw = __fdiv_rn(1.0f, __fadd_rn(__fmul_rn(__fsqrt_rn(v_prev), t.inv_prev_bc2_sqrt), eps));
+        const float a_prev = t.prev_on != 0.0f ? a_prev_raw : 1.0f;
+        acc[0] += static_cast<double>(g2);
+        acc[1] += static_cast<double>(__fmul_rn(__fmul_rn(a_prev, a_prev), g2));
+        acc[2] += static_cast<double>(__fmul_rn(__fmul_rn(a_new, a_new), g2));
+        if (qp != nullptr) acc[3] += static_cast<double>(__fmul_rn(__fmul_rn(a_new, a_new), qp[i]));
+      }
+    }
+  }
+  if (STATS) {
+    block_sum4<kAdamWCudaThreads>(acc, shared);
+    if (threadIdx.x == 0)
+      for (int k = 0; k < kAdamWStatsCols; ++k) partials[blockIdx.x * kAdamWStatsCols + k] = acc[k];
+  }
+}
+
+// Second stage: block t sums tensor t's chunk partials. Thread j takes chunks j, j+THREADS, ... in order, then the
+// fixed tree combines threads, so the result depends only on the chunk count.
+__global__ void __launch_bounds__(kAdamWCudaThreads)
+    adamw_stats_finalize_kernel(const DevTensor* __restrict__ tensors, const double* __restrict__ partials,
+                                double* __restrict__ stats) {
+  __shared__ double shared[kAdamWStatsCols][kAdamWCudaThreads];
+  const DevTensor& t = tensors[blockIdx.x];
+  double acc[kAdamWStatsCols] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t c = threadIdx.x; c < t.nchunks; c += blockDim.x)
+    for (int k = 0; k < kAdamWStatsCols; ++k) acc[k] += partials[(t.first_chunk + c) * kAdamWStatsCols + k];
+  block_sum4<kAdamWCudaThreads>(acc, shared);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < kAdamWStatsCols; ++k) stats[blockIdx.x * kAdamWStatsCols + k] = acc[k];
+}
+
+template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>
+void launch_typed(int64_t nchunks, const DevTensor* tensors, const DevChunk* chunks, float w1, float beta2,
+                  float one_minus_beta2, float eps, float sign, bool small_w, const float* grad_scale,
+                  const float* found_inf, double* partials, cudaStream_t stream) {
+  adamw_chunk_kernel<T, AMSGRAD, STATS, UNSCALE>
+      <<<static_cast<unsigned>(nchunks), kAdamWCudaThreads, 0, stream>>>(
+          tensors, chunks, w1, beta2, one_minus_beta2, eps, sign, small_w, grad_scale, found_inf, partials);
+}
+
+template <typename T>
+void launch_dispatch(bool amsgrad, bool stats, bool unscale, int64_t nchunks, const DevTensor* tensors,
+                     const DevChunk* chunks, float w1, float beta2, float one_minus_beta2, float eps, float sign,
+                     bool small_w, const float* grad_scale, const float* found_inf, double* partials,
+                     cudaStream_t stream) {
+#define PNEKERN_LAUNCH(A, S, U)                                                                                 \
+  launch_typed<T, A, S, U>(nchunks, tensors, chunks, w1, beta2, one_minus_beta2, eps, sign, small_w, grad_scale, \
+                           found_inf, partials, stream)
+  if (amsgrad) {
+    if (stats) {
+      if (unscale) PNEKERN_LAUNCH(true, true, true); else PNEKERN_LAUNCH(true, true, false);
+    } else {
+      if (unscale) PNEKERN_LAUNCH(true, false, true); else PNEKERN_LAUNCH(true, false, false);
+    }
+  } else {
+    if (stats) {
+      if (unscale) PNEKERN_LAUNCH(false, true, true); else PNEKERN_LAUNCH(false, true, false);
+    } else {
+      if (unscale) PNEKERN_LAUNCH(false, false, true); else PNEKERN_LAUNCH(false, false, false);
+    }
+  }
+#undef PNEKERN_LAUNCH
+}
+
+}  // namespace
+
+size_t adamw_cuda_workspace_bytes(const AdamWTensor* tensors, int64_t ntensors) {
+  return layout_for(ntensors, count_chunks(tensors, ntensors)).total;
+}
+
+void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, const AdamWHyper& hyper,
+                     const float* grad_scale, const float* found_inf, double* stats, void* workspace,
+                     size_t workspace_bytes, cudaStream_t stream) {
+  if (ntensors <= 0) return;
+  const int64_t nchunks = count_chunks(tensors, ntensors);
+  const WorkspaceLayout l = layout_for(ntensors, nchunks);
+  if (workspace == nullptr || workspace_bytes < l.total) {
+    std::ostringstream os;
+    os << "adamw_step_cuda: workspace of " << workspace_bytes << " bytes is smaller than the " << l.total
+       << " bytes needed";
+    throw std::invalid_argument(os.str());
+  }
+
+  // Host staging of both tables in one buffer, copied with a single async memcpy.
+  std::vector<unsigned char> host(l.partials_off);
+  DevTensor* ht = reinterpret_cast<DevTensor*>(host.data() + l.tensors_off);
+  DevChunk* hc = reinterpret_cast<DevChunk*>(host.data() + l.chunks_off);
+  int64_t c = 0;
+  for (int64_t i = 0; i < ntensors; ++i) {
+    const AdamWTensor& t = tensors[i];
+    if (hyper.amsgrad && t.numel > 0 && t.max_exp_avg_sq == nullptr)
+      throw std::invalid_argument("adamw_step_cuda: amsgrad needs max_exp_avg_sq for every tensor");
+    const TensorCoeffs k = make_coeffs(hyper, t.step);
+    DevTensor d;
+    d.param = t.param;
+    d.grad = t.grad;
+    d.exp_avg = t.exp_avg;
+    d.exp_avg_sq = t.exp_avg_sq;
+    d.max_exp_avg_sq = t.max_exp_avg_sq;
+    d.sumsq = t.sumsq;
+    d.numel = t.numel;
+    d.first_chunk = c;
+    d.nchunks = (t.numel + kAdamWCudaChunk - 1) / kAdamWCudaChunk;
+    d.decay = k.decay;
+    d.neg_step_size = k.neg_step_size;
+    d.bc2_sqrt = k.bc2_sqrt;
+    d.inv_prev_bc2_sqrt = k.inv_prev_bc2_sqrt;
+    d.prev_on = k.has_prev ? 1.0f : 0.0f;
+    ht[i] = d;
+    for (int64_t j = 0; j < d.nchunks; ++j) hc[c++] = DevChunk{i, j * kAdamWCudaChunk};
+  }
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  PNEKERN_CUDA_CHECK(cudaMemcpyAsync(ws, host.data(), host.size(), cudaMemcpyHostToDevice, stream));
+  const DevTensor* dt = reinterpret_cast<const DevTensor*>(ws + l.tensors_off);
+  const DevChunk* dc = reinterpret_cast<const DevChunk*>(ws + l.chunks_off);
+  double* partials = reinterpret_cast<double*>(ws + l.partials_off);
+
+  const float w1 = static_cast<float>(1.0 - hyper.beta1);
+  const float beta2 = static_cast<float>(hyper.beta2);
+  const float one_minus_beta2 = static_cast<float>(1.0 - hyper.beta2);
+  const float eps = static_cast<float>(hyper.eps);
+  const float sign = hyper.maximize ? -1.0f : 1.0f;
+  const bool small_w = std::fabs(w1) < 0.5f;
+  const bool want_stats = stats != nullptr;
+  const bool unscale = grad_scale != nullptr;
+  if (nchunks > 0) {
+    switch (dtype) {
+      case DType::kFloat32:
+        launch_dispatch<float>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2, eps,
+                               sign, small_w, grad_scale, found_inf, partials, stream);
+        break;
+      case DType::kBFloat16:
+        launch_dispatch<bf16_t>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2,
+                                eps, sign, small_w, grad_scale, found_inf, partials, stream);
+        break;
+      case DType::kFloat16:
+        launch_dispatch<fp16_t>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2,
+                                eps, sign, small_w, grad_scale, found_inf, partials, stream);
+        break;
+      default:
+        throw std::invalid_argument("adamw_step_cuda: unsupported dtype");
+    }
+    PNEKERN_CUDA_CHECK(cudaGetLastError());
+  }
+  if (want_stats) {
+    // Tensors with zero chunks (numel 0) still get a zero row from the finalize kernel.
+    adamw_stats_finalize_kernel<<<static_cast<unsigned>(ntensors), kAdamWCudaThreads, 0, stream>>>(dt, partials,
+                                                                                                   stats);
+    PNEKERN_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace pnekern
