@@ -436,6 +436,8 @@ def test_backend_selection_and_errors(monkeypatch):
     p = nn.Parameter(torch.zeros(3))
     opt = pnekern.AdamW([p], backend="triton")
     p.grad = torch.ones(3)
+    # Triton runs CPU tensors only under its interpreter (how CI tests the kernels); without it: a clear error.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="triton"):
         opt.step()
     assert float(opt.state.get(p, {}).get("step", 0)) == 0
@@ -453,7 +455,8 @@ def test_missing_native_module_fails_at_call_time(monkeypatch):
     auto = pnekern.AdamW([p], backend="auto")  # auto falls back to the reference
     auto.step()
     assert float(auto.state[p]["step"]) == 1
-    assert pnekern.build_info()["backends"] == ["reference"]
+    assert "cpp" not in pnekern.build_info()["backends"]
+    assert pnekern.build_info()["backends"][0] == "reference"
 
 
 def test_build_info_reports_compiled_cpp_backend():

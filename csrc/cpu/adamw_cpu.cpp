@@ -166,7 +166,10 @@ void adamw_step_typed(const AdamWTensor* tensors, int64_t ntensors, const AdamWH
 
   // Static schedule: chunks are equal-sized, so contiguous blocks of chunks balance well and each thread streams
   // through neighbouring memory.
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+  // Never more threads than chunks: waking idle threads costs more than a small model's whole step, and under
+  // a loaded machine an oversubscribed team can stall for milliseconds.
+  const int threads = static_cast<int>(nchunks < nthreads ? (nchunks > 0 ? nchunks : 1) : nthreads);
+#pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     const Chunk& ch = chunk_list[ci];
     const AdamWTensor& t = tensors[ch.tensor];

@@ -82,6 +82,7 @@ class AdamW(torch.optim.AdamW):
         data_parallel: bool | None = None,
         process_group: Any = None,
         stats_seed: int = 0,
+        calibration_every: int = 200,
     ) -> None:
         backend = ops.default_backend() if backend is None else ops.validate_backend(backend)
         if stats not in STATS_MODES:
@@ -107,13 +108,16 @@ class AdamW(torch.optim.AdamW):
         self.backend = backend
         self.check_finite = bool(check_finite)
         self._probes: list[Any] = []
+        self._probe_steps = 0  # steps taken, for probes' schedules when statistics are off
+        self.last_probe_result: Any = None
         self._stats: NoiseStats | None = None
         if stats is not None:
             self._stats = NoiseStats(
                 self, stats, self._precond_for, beta1=self._beta1_for, batch_size=batch_size, kappa=kappa,
                 bias_corrected=bias_corrected, stats_every=stats_every, rank=stats_rank, gns_beta=gns_beta,
                 backend="reference" if differentiable else backend, data_parallel=data_parallel,
-                process_group=process_group, seed=stats_seed,
+                process_group=process_group, seed=stats_seed, shrink=self._shrink_for,
+                calibration_every=calibration_every,
             )
         elif batch_size is not None:
             raise ValueError("batch_size is only used by the noise statistics; pass stats='trace' (or diag/lowrank) too")
@@ -129,6 +133,7 @@ class AdamW(torch.optim.AdamW):
         state["_step_supports_amp_scaling"] = getattr(self, "_step_supports_amp_scaling", False)
         state["_stats"] = getattr(self, "_stats", None)
         state["_probes"] = getattr(self, "_probes", [])
+        state["_probe_steps"] = getattr(self, "_probe_steps", 0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -136,6 +141,8 @@ class AdamW(torch.optim.AdamW):
         state.setdefault("check_finite", False)
         state.setdefault("_stats", None)
         state.setdefault("_probes", [])
+        state.setdefault("_probe_steps", 0)
+        state.setdefault("last_probe_result", None)
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ statistics API
@@ -144,6 +151,10 @@ class AdamW(torch.optim.AdamW):
             if any(q is p for q in group["params"]):
                 return group
         raise KeyError("parameter is not managed by this optimizer")
+
+    def _shrink_for(self, p: Tensor) -> float:
+        group = self._group_of(p)
+        return 1.0 - _scalar(group["lr"]) * _scalar(group["weight_decay"])
 
     def _beta1_for(self, p: Tensor) -> float:
         return _scalar(self._group_of(p)["betas"][0])
@@ -220,13 +231,19 @@ class AdamW(torch.optim.AdamW):
         self._probes.append(probe)
 
     def _run_probes(self) -> None:
-        step = self._stats.step_count if self._stats is not None else None
+        step = self._stats.step_count if self._stats is not None else self._probe_steps
         for probe in self._probes:
-            if step is None or not probe.due(step):
+            if not probe.due(step):
                 continue
             result = probe.measure(self.preconditioner(list(probe.params)))
+            self.last_probe_result = result
             if self._stats is not None:
-                self._stats.set_curvature(result.value, step)
+                value = result.value
+                flagged = getattr(result, "flagged", None)
+                if isinstance(flagged, Tensor) and isinstance(value, Tensor):
+                    # A Hessian trace <= 0 makes NE/Curv meaningless (SPEC §3): NaN, not a huge clamped ratio.
+                    value = torch.where(flagged, torch.full_like(value, float("nan")), value)
+                self._stats.set_curvature(value, step)
                 if self._stats.last is not None:
                     last = self._stats.last
                     last.curvature = self._stats.curvature
@@ -299,6 +316,8 @@ class AdamW(torch.optim.AdamW):
         stats = self._stats
         measuring = stats is not None and stats.measuring_this_step()
         use_sumsq = measuring and stats.mode in ("diag", "lowrank")
+        if use_sumsq:
+            stats.reduce_buffers()  # the step's Σ a_t² q column must see every worker's contributions
         rows: dict[int, Tensor] = {}
         lrs: dict[int, float] = {}
         by_group: dict[int, list[Tensor]] = defaultdict(list)
@@ -320,6 +339,8 @@ class AdamW(torch.optim.AdamW):
                 dtype = tensors[0].dtype
                 backend = ops.resolve_backend(self.backend, p.device, dtype)
                 step_t = state["step"]
+                if backend == "triton" and not all(t.dtype == dtype for t in tensors):
+                    backend = "reference"  # mixed storage dtypes (e.g. a loaded fp32 state for bf16 params)
                 if backend == "cpp" and not (
                     all(t.is_contiguous() and t.dtype == dtype for t in tensors)
                     and step_t.device.type == "cpu"
@@ -338,7 +359,8 @@ class AdamW(torch.optim.AdamW):
                 b["orig"].append(p)
                 if use_sumsq:
                     q = stats.sumsq_buffer(p)
-                    b["sumsq"].append(q if q is not None else torch.zeros(tensors[0].shape, dtype=torch.float32, device=p.device))
+                    qdtype = torch.float64 if dtype == torch.float64 else torch.float32
+                    b["sumsq"].append(q if q is not None else torch.zeros(tensors[0].shape, dtype=qdtype, device=p.device))
                 lrs[id(p)] = lr
             for (backend, device, _), b in buckets.items():
                 stats_out = None
@@ -407,10 +429,15 @@ class AdamW(torch.optim.AdamW):
                 self._differentiable_step()
             finally:
                 torch.set_grad_enabled(prev)
+            self._probe_steps += 1
+            if self._probes:
+                with torch.no_grad():
+                    self._run_probes()
             return loss
         todo = self._validate()
         if todo:
             self._fused_step(todo)
+        self._probe_steps += 1
         if self._probes:
             self._run_probes()
         return loss

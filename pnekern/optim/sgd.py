@@ -62,6 +62,7 @@ class SGD(torch.optim.SGD):
         data_parallel: bool | None = None,
         process_group: Any = None,
         stats_seed: int = 0,
+        calibration_every: int = 200,
     ) -> None:
         if stats not in STATS_MODES:
             raise ValueError(f"stats={stats!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
@@ -77,6 +78,7 @@ class SGD(torch.optim.SGD):
                 self, stats, lambda p: (None, 1.0, 0.0), beta1=lambda p: float(momentum), batch_size=batch_size,
                 kappa=kappa, stats_every=stats_every, rank=stats_rank, gns_beta=gns_beta, backend="auto",
                 data_parallel=data_parallel, process_group=process_group, seed=stats_seed,
+                calibration_every=calibration_every,
             )
         elif batch_size is not None:
             raise ValueError("batch_size is only used by the noise statistics; pass stats='trace' (or diag/lowrank) too")
@@ -127,6 +129,7 @@ class SGD(torch.optim.SGD):
                 loss = closure()
             closure = None
         if stats is not None and stats.measuring_this_step():
+            stats.reduce_buffers()
             with torch.no_grad():
                 for group in self.param_groups:
                     lr = float(group["lr"])

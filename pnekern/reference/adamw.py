@@ -72,15 +72,17 @@ def adamw_step_(
         step_prev = _host_step(step_t)
         step = step_prev + 1
 
-        g = g_raw.to(torch.float32, copy=True)
+        # fp32 math for fp32/bf16/fp16 storage (what the kernels do); float64 storage keeps float64 math, as torch does.
+        ct = torch.float64 if p.dtype == torch.float64 else torch.float32
+        g = g_raw.to(ct, copy=True)
         if grad_scale is not None:
-            g = g / grad_scale.to(device=g.device, dtype=torch.float32)
+            g = g / grad_scale.to(device=g.device, dtype=ct)
         g_signed = -g if maximize else g
 
-        p32 = p.to(torch.float32, copy=True)
-        m32 = m.to(torch.float32, copy=True)
-        v32 = v.to(torch.float32, copy=True)
-        v_prev = (vmax if amsgrad else v).to(torch.float32, copy=True)
+        p32 = p.to(ct, copy=True)
+        m32 = m.to(ct, copy=True)
+        v32 = v.to(ct, copy=True)
+        v_prev = (vmax if amsgrad else v).to(ct, copy=True)
 
         if weight_decay != 0:
             p32.mul_(1 - lr * weight_decay)
@@ -91,13 +93,13 @@ def adamw_step_(
         step_size = lr / bc1
         bc2_sqrt = bc2**0.5
         if amsgrad:
-            vmax32 = torch.maximum(vmax.to(torch.float32), v32)
+            vmax32 = torch.maximum(vmax.to(ct), v32)
             denom = (vmax32.sqrt() / bc2_sqrt).add_(eps)
         else:
             vmax32 = None
             denom = (v32.sqrt() / bc2_sqrt).add_(eps)
         if isinstance(step_size, Tensor):
-            p32.addcdiv_(m32, denom * (-1.0 / step_size).to(torch.float32))
+            p32.addcdiv_(m32, denom * (-1.0 / step_size).to(ct))
         else:
             p32.addcdiv_(m32, denom, value=-step_size)
 

@@ -168,7 +168,8 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
 class _ParamSlot:
     """Per-parameter accumulators for the current step."""
 
-    __slots__ = ("param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "device_key")
+    __slots__ = ("param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
+                 "cal_idx", "cal_sq", "cal_a")
 
     def __init__(self, param: Tensor, name: str, index: int) -> None:
         self.param = param
@@ -180,6 +181,10 @@ class _ParamSlot:
         self.sketch: Tensor | None = None
         self.omega_seed = 0
         self.handle = None
+        self.acc_node = None
+        self.cal_idx: Tensor | None = None  # κ calibration: fixed coordinate subset of this tensor
+        self.cal_sq: Tensor | None = None  # Σ_k x_k² on the subset (float64)
+        self.cal_a: Tensor | None = None  # A_{t-1} on the subset, taken at the step's first contribution
 
 
 class NoiseStats:
@@ -216,6 +221,10 @@ class NoiseStats:
         data_parallel: bool | None = None,
         process_group: Any = None,
         seed: int = 0,
+        calibration_coords: int = 4096,
+        calibration_every: int = 200,
+        calibration_lags: tuple[int, int] | None = None,
+        shrink: Callable[[Tensor], float] | None = None,
     ) -> None:
         if mode not in STATS_MODES or mode is None:
             raise ValueError(f"stats={mode!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
@@ -259,6 +268,19 @@ class NoiseStats:
         self._warned_single = False
         self.clip_coef: Tensor | None = None
         self.grad_scaler: Any = None
+        self.shrink_of = shrink
+        self.calibrator = None
+        self.calibration_every = int(calibration_every)
+        self.calibration_estimate = None
+        if kappa == "calibrated":
+            from .kappa import KappaCalibrator
+
+            b1 = max((beta1(p) for g in optimizer.param_groups for p in g["params"]), default=0.9)
+            h_min, h_max = calibration_lags or (max(1, math.ceil(5.0 / (1.0 - b1))), max(4, math.ceil(40.0 / (1.0 - b1))))
+            if not 1 <= h_min < h_max:
+                raise ValueError(f"calibration_lags={calibration_lags!r} must satisfy 1 <= h_min < h_max")
+            self.calibrator = KappaCalibrator(h_min=h_min, h_max=h_max)
+            self._calibration_coords = int(calibration_coords)
         _ENGINES.add(self)
         for gi, group in enumerate(optimizer.param_groups):
             self.track_group(group, gi)
@@ -272,7 +294,14 @@ class NoiseStats:
                 continue
             name = names[pi] if names is not None else f"group{gi}.param{pi}"
             slot = _ParamSlot(p, name, len(self.slots))
-            slot.handle = p.register_hook(self._make_hook(slot))
+            # Hook the parameter's AccumulateGrad node rather than the tensor: it runs only when a backward()
+            # accumulates into p.grad, so torch.autograd.grad calls (curvature probes, gradient penalties, our own
+            # brute-force tests) are not mistaken for micro-batch contributions. A tied parameter's uses are
+            # summed by autograd before this node runs: one contribution per backward.
+            with torch.enable_grad():
+                node = p.view_as(p).grad_fn.next_functions[0][0]
+            slot.acc_node = node  # keep the node alive so the hook stays attached
+            slot.handle = node.register_prehook(self._make_hook(slot))
             self.slots[id(p)] = slot
 
     def remove_hooks(self) -> None:
@@ -281,9 +310,10 @@ class NoiseStats:
                 slot.handle.remove()
                 slot.handle = None
 
-    def _make_hook(self, slot: _ParamSlot) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            self._capture(slot, grad)
+    def _make_hook(self, slot: _ParamSlot) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if grad_outputs and grad_outputs[0] is not None:
+                self._capture(slot, grad_outputs[0])
             return None
 
         return hook
@@ -307,10 +337,14 @@ class NoiseStats:
         sumsq = None
         if self.mode in ("diag", "lowrank"):
             if slot.sumsq is None or slot.sumsq.shape != x.shape:
-                slot.sumsq = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                # fp32 like the kernels' math; float64 parameters keep float64 (the reference path handles them).
+                qdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                slot.sumsq = torch.zeros(x.shape, dtype=qdtype, device=x.device)
             sumsq = slot.sumsq
         backend = ops.resolve_backend(self.backend, x.device, x.dtype) if self.backend != "reference" else "reference"
         ops.microbatch_accumulate_(backend, slot.acc, x, v, inv_sqrt_bc2, eps, 1.0, sumsq)
+        if self.calibrator is not None:
+            self._capture_calibration(slot, x, v, inv_sqrt_bc2, eps)
         if self.mode == "lowrank":
             flat = x.reshape(-1).to(torch.float32)
             omega = self._omega(slot, flat.numel(), flat.device)
@@ -319,6 +353,62 @@ class NoiseStats:
                 slot.sketch = torch.zeros(flat.numel(), omega.shape[1], dtype=torch.float32, device=flat.device)
             slot.sketch.addr_(flat, proj)
         slot.count += 1
+
+    def _calibration_index(self, slot: _ParamSlot, numel: int, device: torch.device) -> Tensor:
+        if slot.cal_idx is None:
+            total = sum(s.param.numel() * (2 if s.param.is_complex() else 1) for s in self.slots.values())
+            m = max(1, min(numel, math.ceil(self._calibration_coords * numel / max(total, 1))))
+            g = torch.Generator().manual_seed(self.seed * 7 + slot.index + 1)
+            slot.cal_idx = torch.randperm(numel, generator=g)[:m].sort().values.to(device)
+        return slot.cal_idx
+
+    def _capture_calibration(self, slot: _ParamSlot, x: Tensor, v: Tensor | None, inv_sqrt_bc2: float, eps: float) -> None:
+        flat = x.reshape(-1)
+        idx = self._calibration_index(slot, flat.numel(), flat.device)
+        xs = flat.index_select(0, idx).to(torch.float64)
+        if slot.count == 0 or slot.cal_sq is None:
+            slot.cal_sq = xs * xs
+            if v is None:
+                slot.cal_a = torch.ones_like(xs)
+            else:
+                vs = v.reshape(-1).index_select(0, idx).to(torch.float64)
+                slot.cal_a = 1.0 / (vs.sqrt() * inv_sqrt_bc2 + eps)
+        else:
+            slot.cal_sq += xs * xs
+
+    @torch.no_grad()
+    def _observe_calibration(self, slots: Sequence[_ParamSlot], lrs: dict[int, float], world: int, group: Any) -> None:
+        """Feed the MSD calibrator: θ on the subset after the update and D_t restricted to it (κ = 1)."""
+        thetas, diffs = [], []
+        for s in slots:
+            if s.cal_idx is None or s.cal_sq is None or s.count < 1:
+                return
+            n = s.count * world
+            if n < 2:
+                return
+            p = s.param
+            g = (torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad).reshape(-1)
+            gs = g.index_select(0, s.cal_idx).to(torch.float64) * world
+            sq = s.cal_sq
+            if world > 1:
+                import torch.distributed as dist
+
+                sq = sq.clone()
+                dist.all_reduce(sq, group=group)
+            diag = n * (sq - gs * gs / n) / ((n - 1.0) * world * world)
+            lr = lrs[id(p)]
+            diffs.append(lr * lr * (s.cal_a * s.cal_a * diag).sum())
+            pv = torch.view_as_real(p) if p.is_complex() else p
+            thetas.append(pv.detach().reshape(-1).index_select(0, s.cal_idx).to(torch.float64))
+        if not thetas:
+            return
+        shrink = self.shrink_of(slots[0].param) if self.shrink_of is not None else 1.0
+        self.calibrator.observe(torch.cat(thetas), torch.stack(diffs).sum(), shrink, step=self.step_count)
+        if self.step_count % self.calibration_every == 0:
+            est = self.calibrator.estimate()  # one host sync per calibration_every steps
+            self.calibration_estimate = est
+            if math.isfinite(est.kappa) and est.kappa > 0:
+                self.calibrated_kappa = float(est.kappa)
 
     def _omega(self, slot: _ParamSlot, d: int, device: torch.device) -> Tensor:
         # Ω is regenerated from (seed, step, tensor index) instead of stored: same Ω for every contribution of
@@ -346,6 +436,19 @@ class NoiseStats:
         if slot is None or slot.sumsq is None or not slot.count:
             return None
         return slot.sumsq
+
+    def reduce_buffers(self) -> None:
+        """Sum the diag-mode Σ_k x_k² buffers over data-parallel workers (call before the fused step reads them)."""
+        if self.mode not in ("diag", "lowrank") or not self.measuring_this_step():
+            return
+        world, group = self._world()
+        if world == 1:
+            return
+        import torch.distributed as dist
+
+        for s in self.slots.values():
+            if s.sumsq is not None and s.count:
+                dist.all_reduce(s.sumsq, group=group)
 
     def _world(self) -> tuple[int, Any]:
         dp = self.data_parallel
@@ -419,10 +522,6 @@ class NoiseStats:
             sums = table[:, :3].contiguous()
             dist.all_reduce(sums, group=group)  # only scalars cross the network
             table[:, :3] = sums
-            if self.mode in ("diag", "lowrank"):
-                for s in slots:
-                    if s.sumsq is not None:
-                        dist.all_reduce(s.sumsq, group=group)
         if grad_scale is None and self.grad_scaler is not None:
             # The user unscaled p.grad explicitly (scaler.unscale_, e.g. for clipping): the captured contributions
             # still carry the loss scale.
@@ -511,6 +610,8 @@ class NoiseStats:
             }
         if self.mode == "lowrank":
             self._lowrank_factors(slots, table, world)
+        if self.calibrator is not None and (skipped is None or skipped.device.type == "cpu" and not bool(skipped)):
+            self._observe_calibration(slots, lrs, world, group)
         stats = StepStats(
             step=self.step_count,
             lr=float(lr_vec[0]) if lr_vec.device.type == "cpu" else next(iter(lrs.values())),

@@ -1,0 +1,202 @@
+"""EMA, tail index, κ calibrator and exposure log: unit tests against closed forms and synthetic data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import pnekern
+from pnekern.stats import (
+    DebiasedEMA, ExposureLog, KappaCalibrator, NoiseScaleEMA, mohammadi_alpha, sample_symmetric_stable,
+    standardized_deviations, tail_index,
+)
+
+
+# ---------------------------------------------------------------- EMA
+def test_debiased_ema_matches_closed_form_and_skips_nonfinite():
+    ema = DebiasedEMA(0.9)
+    assert ema.value() is None
+    xs = [3.0, float("nan"), 1.0, float("inf"), 2.0]
+    for x in xs:
+        ema.update(torch.tensor(x, dtype=torch.float64))
+    finite = [3.0, 1.0, 2.0]
+    s = 0.0
+    for x in finite:
+        s = 0.9 * s + 0.1 * x
+    assert float(ema.value()) == pytest.approx(s / (1 - 0.9**3), rel=1e-12)
+    # beta = 0: the last finite value
+    e0 = DebiasedEMA(0.0)
+    for x in xs:
+        e0.update(x)
+    assert float(e0.value()) == 2.0
+    with pytest.raises(ValueError, match="beta"):
+        DebiasedEMA(1.0)
+
+
+def test_noise_scale_ema_divides_last_and_clamps_denominator():
+    gns = NoiseScaleEMA(0.5)
+    nums, dens = [4.0, 8.0, 6.0], [2.0, 1.0, 3.0]
+    for n, d in zip(nums, dens):
+        gns.update(torch.tensor(n, dtype=torch.float64), torch.tensor(d, dtype=torch.float64))
+    en = DebiasedEMA(0.5)
+    ed = DebiasedEMA(0.5)
+    for n, d in zip(nums, dens):
+        en.update(n)
+        ed.update(d)
+    assert float(gns.value()) == pytest.approx(float(en.value()) / float(ed.value()), rel=1e-12)
+    # ratio of EMAs, not EMA of ratios
+    assert float(gns.value()) != pytest.approx(sum(n / d for n, d in zip(nums, dens)) / 3, rel=1e-3)
+    assert len(gns.pairs) == 3
+    neg = NoiseScaleEMA(0.0)
+    neg.update(torch.tensor(5.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64))
+    assert float(neg.value()) > 0 and math.isfinite(float(neg.value()))
+
+
+# ---------------------------------------------------------------- tail index
+@pytest.mark.parametrize("alpha", [1.2, 1.6, 2.0])
+def test_mohammadi_recovers_stable_index(alpha):
+    g = torch.Generator().manual_seed(0)
+    x = sample_symmetric_stable(alpha, 200_000, generator=g)
+    est = float(mohammadi_alpha(x, generator=g))
+    assert abs(est - alpha) < 0.1, est
+
+
+def test_pooling_unequal_scales_biases_alpha_and_standardizing_fixes_it():
+    """SPEC §3 [fix]: Gaussian noise with per-coordinate scales looks heavy-tailed when pooled raw."""
+    g = torch.Generator().manual_seed(1)
+    n, d = 8, 20_000
+    scale = torch.exp(2.0 * torch.randn(d, generator=g))  # scales spanning orders of magnitude
+    contrib = torch.randn(n, d, generator=g) * scale
+    raw = (contrib - contrib.mean(0)).reshape(-1)
+    biased = tail_index(raw, num_boot=0).alpha
+    # Scale from independent data (a previous step's contributions), never from the same samples.
+    prev = torch.randn(64, d, generator=g) * scale
+    z = standardized_deviations(contrib, prev.std(0))
+    fixed = tail_index(z, num_boot=50, seed=2)
+    assert biased < 1.6, biased
+    assert abs(fixed.alpha - 2.0) < 0.12, fixed
+    assert fixed.ci_low <= fixed.alpha <= fixed.ci_high
+
+
+def test_tail_index_bad_input():
+    with pytest.raises(ValueError, match="blocks"):
+        mohammadi_alpha(torch.randn(5), block=4)
+    with pytest.raises(ValueError, match="ci"):
+        tail_index(torch.randn(100), ci=1.5)
+    with pytest.raises(ValueError, match="contributions"):
+        standardized_deviations(torch.randn(1, 5), torch.ones(5))
+
+
+# ---------------------------------------------------------------- κ calibrator (direct)
+@pytest.mark.parametrize("beta,heavy", [(0.9, False), (0.8, True)])
+def test_kappa_calibrator_on_momentum_filters(beta, heavy):
+    """White noise through EMA momentum (κ = 1) and heavy-ball momentum (κ = 1/(1−β)²), with weight decay."""
+    g = torch.Generator().manual_seed(3)
+    d, steps, lr, shrink = 2000, 2500, 1e-2, 1.0 - 1e-4
+    theta = torch.zeros(d, dtype=torch.float64)
+    m = torch.zeros(d, dtype=torch.float64)
+    cal = KappaCalibrator(h_min=math.ceil(5 / (1 - beta)), h_max=math.ceil(30 / (1 - beta)))
+    for _ in range(steps):
+        x = torch.randn(d, generator=g, dtype=torch.float64)
+        m = beta * m + x if heavy else beta * m + (1 - beta) * x
+        theta = shrink * theta - lr * m
+        cal.observe(theta, torch.tensor(lr * lr * d, dtype=torch.float64), shrink)
+    est = cal.estimate()
+    want = 1 / (1 - beta) ** 2 if heavy else 1.0
+    assert abs(est.kappa / want - 1) < 0.1, est
+    assert est.num_obs == steps - cal.warmup
+
+
+def test_kappa_calibrator_handles_gaps_and_errors():
+    cal = KappaCalibrator(h_min=2, h_max=8, warmup=0)
+    assert math.isnan(cal.estimate().kappa)
+    for t in range(0, 60, 2):  # every second step observed (stats_every=2)
+        cal.observe(torch.full((3,), float(t)), 1.0, step=t)
+    est = cal.estimate()
+    assert all(h % 2 == 0 for h in est.lags), est.lags  # odd lags never have a matching snapshot
+    with pytest.raises(ValueError, match="step"):
+        cal.observe(torch.zeros(3), 1.0, step=10)
+    with pytest.raises(ValueError, match="h_min"):
+        KappaCalibrator(h_min=5, h_max=5)
+
+
+# ---------------------------------------------------------------- exposure log
+def _trained_opt(steps=7, chunk=3, stats_every=1):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    opt = pnekern.AdamW(model.parameters(), lr=1e-2, stats="trace", batch_size=8, stats_every=stats_every)
+    opt.noise_stats.log.chunk = chunk
+    for _ in range(steps):
+        for _ in range(2):
+            x = torch.randn(4, 4)
+            model(x).pow(2).mean().div(2).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_exposure_log_records_match_step_stats_and_chunking():
+    opt = _trained_opt()
+    log = opt.exposure
+    assert len(log) == 7
+    last = opt.last_stats().to_dict()
+    recs = log.records()
+    assert [r["step"] for r in recs] == list(range(1, 8))
+    for k in ("temperature", "pne", "trace_noise", "noise_scale"):
+        assert recs[-1][k] == pytest.approx(last[k], rel=1e-12)
+    # P-NE is the running sum of the per-step diffusion
+    assert recs[-1]["pne"] == pytest.approx(sum(r["diffusion"] for r in recs), rel=1e-9)
+    assert set(recs[0]["per_param"]) == set(last["per_param"])
+
+
+def test_exposure_log_held_steps_and_update_last():
+    opt = _trained_opt(steps=6, stats_every=3)
+    recs = opt.exposure.records()
+    assert [r["held"] for r in recs] == [False, True, True, False, True, True]
+    assert recs[1]["diffusion"] == recs[0]["diffusion"]
+    log = ExposureLog()
+    with pytest.raises(RuntimeError, match="empty"):
+        log.update_last({"curvature": 1.0})
+    log.append({"step": 1, "pne": torch.tensor(2.0)})
+    log.update_last({"curvature": torch.tensor(4.0)})
+    assert log.records()[0]["curvature"] == 4.0
+
+
+def test_exposure_log_sinks(tmp_path):
+    opt = _trained_opt()
+    p = opt.exposure.to_jsonl(tmp_path / "run" / "exposure.jsonl")
+    lines = [json.loads(s) for s in open(p)]
+    assert len(lines) == 7 and lines[-1]["step"] == 7
+    assert "per_param" in lines[0]
+    c = opt.exposure.to_csv(tmp_path / "exposure.csv", per_param=True)
+    rows = open(c).read().strip().splitlines()
+    assert len(rows) == 8
+    header = rows[0].split(",")
+    assert "temperature" in header and any(h.endswith("/temperature") for h in header)
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+    w = Writer()
+    opt.exposure.tensorboard = w
+    opt.exposure.flush()
+    assert ("pnekern/pne", opt.exposure.records()[-1]["pne"], 7) in w.calls
+    n = len(w.calls)
+    opt.exposure.flush()  # nothing new: nothing written twice
+    assert len(w.calls) == n
+    summary = opt.exposure.summary()
+    assert summary["steps"] == 7 and summary["pne"] == pytest.approx(opt.exposure.records()[-1]["pne"])
+
+
+def test_exposure_log_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    opt = _trained_opt()
+    path = opt.exposure.plot(tmp_path / "exposure.png", per_layer=True)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
