@@ -41,13 +41,16 @@ def validate_backend(backend: str) -> str:
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Pick the implementation for tensors on ``device`` with storage ``dtype``.
 
-    ``auto`` gives ``cpp`` on CPU for fp32/bf16/fp16 when the extension is built, ``reference`` otherwise (the GPU
-    kernels arrive with the Triton issue; until then CUDA tensors use the reference). Explicit requests that cannot
+    ``auto`` gives ``cpp`` on CPU for fp32/bf16/fp16 when the extension is built, ``triton`` on CUDA for those dtypes
+    when Triton is importable, ``reference`` otherwise. Explicit ``triton`` runs on CUDA tensors, and on CPU tensors
+    only under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests the kernels). Explicit requests that cannot
     run on the device raise RuntimeError with the reason.
     """
     if requested == "auto":
         if device.type == "cpu" and dtype in KERNEL_DTYPES and _native.available():
             return "cpp"
+        if device.type == "cuda" and dtype in KERNEL_DTYPES and _triton_usable(device) is None:
+            return "triton"
         return "reference"
     if requested == "cpp":
         if device.type != "cpu":
@@ -56,12 +59,37 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             )
         _native.require("backend='cpp'")
         return "cpp"
-    if requested in ("triton", "cuda"):
+    if requested == "triton":
+        reason = _triton_usable(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run here: {reason}; use backend='auto' or 'reference'")
+        if dtype not in KERNEL_DTYPES:
+            raise RuntimeError(
+                f"backend='triton' supports float32, bfloat16 and float16 storage, got {dtype}; "
+                "use backend='auto' or 'reference'"
+            )
+        return "triton"
+    if requested == "cuda":
         raise RuntimeError(
             f"backend={requested!r} is not available in this build (GPU kernels are not compiled in); "
-            "use backend='auto', 'cpp' or 'reference'"
+            "use backend='auto', 'triton', 'cpp' or 'reference'"
         )
     return requested
+
+
+def _triton_usable(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on ``device``, else why not."""
+    from . import kernels
+
+    if device.type == "cuda":
+        if kernels.interpreter_enabled():
+            return "TRITON_INTERPRET=1 runs kernels on the CPU, but the tensors are on CUDA"
+        return kernels.unavailable_reason()
+    if device.type == "cpu":
+        if not kernels.interpreter_enabled():
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        return kernels.unavailable_reason()
+    return f"Triton kernels run on CUDA tensors, got tensors on {device}"
 
 
 def adamw_step_(
@@ -73,7 +101,7 @@ def adamw_step_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -85,7 +113,19 @@ def adamw_step_(
     sumsq_bufs: Sequence[Tensor] = (),
     stats_out: Tensor | None = None,
 ) -> None:
-    """Fused multi-tensor AdamW step on an already-resolved ``backend`` (see ``reference.adamw_step_``)."""
+    """Fused multi-tensor AdamW step on an already-resolved ``backend`` (see ``reference.adamw_step_``).
+
+    ``lr`` may be a 0-dim tensor for ``triton`` (read on the device); the other backends take it as a float.
+    """
+    if backend == "triton":
+        from .kernels import adamw_step as _triton_adamw
+
+        _triton_adamw.adamw_step_(
+            list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
+            lr if isinstance(lr, Tensor) else float(lr), float(beta1), float(beta2), float(weight_decay),
+            float(eps), bool(amsgrad), bool(maximize), grad_scale, found_inf, list(sumsq_bufs), stats_out,
+        )
+        return
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad), bool(maximize),
@@ -110,7 +150,11 @@ def microbatch_accumulate_(
     sumsq: Tensor | None = None,
 ) -> None:
     """Accumulate one gradient contribution's (Σx², Σa²x²) into ``acc`` [2] float64 (and ``sumsq`` += x²)."""
-    if backend == "cpp" and x.is_contiguous() and (v is None or v.is_contiguous()):
+    if backend == "triton":
+        from .kernels import microbatch_accumulate as _triton_microbatch
+
+        _triton_microbatch.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
+    elif backend == "cpp" and x.is_contiguous() and (v is None or v.is_contiguous()):
         torch.ops.pnekern.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
     else:
         _ref_adamw.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq)
