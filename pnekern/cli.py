@@ -1,4 +1,4 @@
-"""Command line: ``pnekern demo | bench | info``."""
+"""Command line: ``pnekern demo | icl train|eval|sweep | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import Any
 
 
 def _parse_size(text: str) -> int:
@@ -81,19 +82,179 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
+    if args.steps is not None and args.steps < 1:
+        print(f"pnekern demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed, quick=args.quick, progress=not args.quiet)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- pnekern icl ...
+def _optional(kind: Any) -> Any:
+    """argparse type for an Optional field: 'none'/'null' → None, else ``kind(text)``."""
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = f"optional {kind.__name__}"
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"amsgrad\": true}'")
+    return value
+
+
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": _optional(int),
+                "Optional[float]": _optional(float), "Optional[str]": _optional(str), "Dict[str, Any]": _json_object}
+
+
+def _add_run_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` plus one flag per :class:`pnekern.icl.runs.RunConfig` field (flags override the file)."""
+    import dataclasses
+
+    from .icl.runs import RunConfig
+
+    p.add_argument("--config", default=None, help="JSON file of RunConfig fields (flags below override it)")
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        kind = _FIELD_TYPES[str(f.type)]
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f"cfg_{f.name}", type=kind, default=argparse.SUPPRESS,
+                       metavar=f.name.upper(), help=f"(default {getattr(defaults, f.name)!r})")
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    """RunConfig from --config and the flags; raises ValueError naming the bad field."""
+    from .icl.runs import RunConfig
+
+    data: dict = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {args.config}: must hold a JSON object of RunConfig fields")
+    for key, value in vars(args).items():
+        if key.startswith("cfg_"):
+            data[key[4:]] = value
+    return RunConfig.from_dict(data)
+
+
+def _print_eval(evaluation: dict) -> None:
+    from .icl.runs import format_error_table
+
+    print("error / d vs k (noiseless target):")
+    print(format_error_table(evaluation["errors_vs_k"], evaluation["excess_over_bayes"]))
+    s = evaluation["summary"]
+    print(f"mean excess over Bayes {s['mean_excess_over_bayes']:.4f}; error/d k=0 {s['model_error_k0']:.4f} → "
+          f"k_max−1 {s['model_error_kmax']:.4f} (Bayes {s['bayes_error_kmax']:.4f})")
+
+
+def _cmd_icl_train(args: argparse.Namespace) -> int:
+    from .icl.runs import evaluate_run, train_run, write_run_files
+
+    cfg = _run_config(args)
+    outcome = train_run(cfg, progress=not args.quiet)
+    evaluation = None if args.no_eval else evaluate_run(outcome.model, outcome.task, cfg)
+    files = write_run_files(args.out, outcome, evaluation)
+    if evaluation is not None:
+        _print_eval(evaluation)
+    print(f"final val loss {outcome.result.final_val_loss:.4f} after {outcome.result.updates} updates "
+          f"({outcome.result.stop_reason}); wrote {', '.join(sorted(os.path.basename(p) for p in files.values()))} "
+          f"to {args.out}")
+    return 0
+
+
+def _cmd_icl_eval(args: argparse.Namespace) -> int:
+    from .icl.runs import evaluate_run, load_run, plot_errors_vs_k, write_json
+
+    cfg, model = load_run(args.run_dir)
+    changes = {k: v for k, v in (("eval_samples", args.eval_samples), ("eval_seed", args.eval_seed),
+                                 ("n_boot", args.n_boot)) if v is not None}
+    cfg = cfg.replace(**changes)
+    from .icl.runs import build_task
+
+    evaluation = evaluate_run(model, build_task(cfg), cfg)
+    path = write_json(os.path.join(args.run_dir, "eval.json"), dict(evaluation, config=cfg.to_dict()))
+    plot_errors_vs_k(evaluation["errors_vs_k"], os.path.join(args.run_dir, "errors_vs_k.png"))
+    _print_eval(evaluation)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_icl_sweep(args: argparse.Namespace) -> int:
+    from .icl.runs import run_sweep
+
+    cfg = _run_config(args)
+    sweep = run_sweep(cfg, args.out, seeds=args.seeds, batch_sizes=args.batch_sizes, progress=not args.quiet)
+    print(f"{'run':>16} {'excess/Bayes':>12} {'val loss':>9} {'P-NE':>10} {'mean T':>10} {'B_simple':>9}")
+
+    def fmt(v: Any, w: int) -> str:
+        return f"{'n/a':>{w}}" if v is None else f"{v:>{w}.4g}"
+
+    for r in sweep["runs"]:
+        print(f"{r['run']:>16} {fmt(r['mean_excess_over_bayes'], 12)} {fmt(r['final_val_loss'], 9)} "
+              f"{fmt(r['pne'], 10)} {fmt(r['mean_temperature'], 10)} {fmt(r['noise_scale'], 9)}")
+    if "spearman_excess_vs_pne" in sweep:
+        sp = sweep["spearman_excess_vs_pne"]
+        print(f"Spearman ρ(excess error, P-NE) = {sp['rho']:.3f} [{sp['ci_low']:.3f}, {sp['ci_high']:.3f}], "
+              f"p = {sp['p_value']:.3g}, n = {sp['n']}")
+    print(f"wrote {os.path.join(args.out, 'sweep.json')}")
+    return 0
+
+
+def _cmd_icl(args: argparse.Namespace) -> int:
+    try:
+        return args.icl_fn(args)
+    except (ValueError, FileNotFoundError) as e:  # config errors: fail before training, naming the field
+        print(f"pnekern icl {args.icl_cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pnekern", description="Gradient-noise and curvature kernels for PyTorch")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("demo", help="train a small model with pnekern.AdamW and report noise statistics")
-    p.add_argument("--out", default="demo_out", help="directory for report.json and plots")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    p = sub.add_parser("demo", help="train an in-context regression transformer with pnekern.AdamW statistics, "
+                                     "compare it with Bayes/ridge/OLS and report the exposure")
+    p.add_argument("--out", default="demo_out", help="directory for report.json, exposure.jsonl and plots")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's 5-minute budget)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the same pipeline")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("icl", help="synthetic in-context-learning harness: train | eval | sweep")
+    icl = p.add_subparsers(dest="icl_cmd", required=True)
+    q = icl.add_parser("train", help="train one run (config file and/or flags) and evaluate it vs baselines")
+    q.add_argument("--out", required=True, help="run directory (config.json, model.pt, report.json, ...)")
+    q.add_argument("--no-eval", action="store_true", help="skip the error-vs-k evaluation")
+    q.add_argument("--quiet", action="store_true")
+    _add_run_config_args(q)
+    q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_train)
+    q = icl.add_parser("eval", help="evaluate a trained run directory against the baselines (writes eval.json)")
+    q.add_argument("run_dir")
+    q.add_argument("--eval-samples", type=int, default=None)
+    q.add_argument("--eval-seed", type=int, default=None)
+    q.add_argument("--n-boot", type=int, default=None)
+    q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_eval)
+    q = icl.add_parser("sweep", help="seeds × batch sizes; resumable; writes OUT/sweep.json")
+    q.add_argument("--out", required=True, help="sweep directory (one sub-directory per run)")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="batch sizes B (default: the config's); each must be a multiple of --micro-batches")
+    q.add_argument("--quiet", action="store_true")
+    _add_run_config_args(q)
+    q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_sweep)
 
     p = sub.add_parser("bench", help="optimizer-step throughput vs torch AdamW and the bandwidth roofline")
     p.add_argument("--device", default="cpu")
