@@ -51,6 +51,9 @@ class AdamW(torch.optim.AdamW):
         stats_rank: rank r of the lowrank sketch. gns_beta: EMA factor of the noise-scale smoothing.
         data_parallel: None = auto (torch.distributed initialized with world size > 1): combine every worker's
             contributions (SPEC §2 DDP formula); ``process_group`` is the group DDP averages over.
+        stats_seed: seeds the lowrank sketch's Ω and the coordinate subsets. calibration_every: steps between κ
+            fits (``kappa="calibrated"``). tail_coords: coordinates per contribution kept for :meth:`tail_index`
+            (diag/lowrank modes).
 
     GradScaler: the step consumes ``grad_scale``/``found_inf`` itself (like torch's ``fused=True``): gradients are
     unscaled in the kernel and a step with ``found_inf`` changes nothing and is not counted.
@@ -83,6 +86,7 @@ class AdamW(torch.optim.AdamW):
         process_group: Any = None,
         stats_seed: int = 0,
         calibration_every: int = 200,
+        tail_coords: int = 2048,
     ) -> None:
         backend = ops.default_backend() if backend is None else ops.validate_backend(backend)
         if stats not in STATS_MODES:
@@ -117,7 +121,7 @@ class AdamW(torch.optim.AdamW):
                 bias_corrected=bias_corrected, stats_every=stats_every, rank=stats_rank, gns_beta=gns_beta,
                 backend="reference" if differentiable else backend, data_parallel=data_parallel,
                 process_group=process_group, seed=stats_seed, shrink=self._shrink_for,
-                calibration_every=calibration_every,
+                calibration_every=calibration_every, tail_coords=tail_coords,
             )
         elif batch_size is not None:
             raise ValueError("batch_size is only used by the noise statistics; pass stats='trace' (or diag/lowrank) too")
@@ -204,6 +208,12 @@ class AdamW(torch.optim.AdamW):
     def noise_stats(self) -> NoiseStats | None:
         """The statistics engine (None when ``stats=None``)."""
         return self._stats
+
+    def tail_index(self, num_boot: int = 200, ci: float = 0.95, block: int | None = None, seed: int = 0) -> Any:
+        """α-stable tail index of the gradient noise with a bootstrap CI (stats='diag'/'lowrank'; reads the host)."""
+        if self._stats is None:
+            raise RuntimeError("statistics are off: construct the optimizer with stats='diag' or 'lowrank'")
+        return self._stats.tail_index(num_boot=num_boot, ci=ci, block=block, seed=seed)
 
     def preconditioner(self, params: list[Tensor] | None = None) -> list[Tensor]:
         """a = 1/(sqrt(v̂)+eps) per parameter (A_t after the last step; ones before the first), for probes."""

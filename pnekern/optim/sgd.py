@@ -63,6 +63,7 @@ class SGD(torch.optim.SGD):
         process_group: Any = None,
         stats_seed: int = 0,
         calibration_every: int = 200,
+        tail_coords: int = 2048,
     ) -> None:
         if stats not in STATS_MODES:
             raise ValueError(f"stats={stats!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
@@ -78,7 +79,7 @@ class SGD(torch.optim.SGD):
                 self, stats, lambda p: (None, 1.0, 0.0), beta1=lambda p: float(momentum), batch_size=batch_size,
                 kappa=kappa, stats_every=stats_every, rank=stats_rank, gns_beta=gns_beta, backend="auto",
                 data_parallel=data_parallel, process_group=process_group, seed=stats_seed,
-                calibration_every=calibration_every,
+                calibration_every=calibration_every, tail_coords=tail_coords,
             )
         elif batch_size is not None:
             raise ValueError("batch_size is only used by the noise statistics; pass stats='trace' (or diag/lowrank) too")

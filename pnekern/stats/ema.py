@@ -61,12 +61,12 @@ class DebiasedEMA:
 
 
 class NoiseScaleEMA:
-    """Smoothed gradient-noise scale: EMA(B·tr Σ_step) / max(EMA(|G|²_unbiased), floor).
+    """Smoothed gradient-noise scale: EMA(B·tr Σ_step) / EMA(|G|²_unbiased) (+inf when the latter is ≤ 0).
 
     Args:
         beta: smoothing of both EMAs (0 = no smoothing: the per-step ratio with a clamped denominator).
-        floor: the denominator is clamped at ``floor·|EMA(num)|``, so a non-positive |G|² estimate (noise
-            dominates the signal) gives a large positive B_simple (≤ 1/floor) instead of a sign flip.
+        floor: a smoothed denominator ≤ ``floor·|EMA(num)|`` (a non-positive |G|² estimate: the noise dominates
+            the signal) gives B_simple = +inf instead of a sign flip or a huge clamped number.
         keep_pairs: keep the raw per-step (numerator, denominator) device tensors in :attr:`pairs`.
     """
 
@@ -95,5 +95,7 @@ class NoiseScaleEMA:
         n, d = self.num.value(), self.den.value()
         if n is None or d is None:
             return None
-        floor = self.floor * n.abs().clamp(min=1e-300)
-        return n / torch.maximum(d, floor)
+        # A non-positive smoothed |G|² means the noise swamps the signal at this batch size: B_simple is beyond
+        # anything measurable, reported as +inf (not a large made-up number).
+        ok = d > self.floor * n.abs()
+        return torch.where(ok, n / torch.where(ok, d, torch.ones_like(d)), torch.full_like(n, math.inf))

@@ -169,7 +169,7 @@ class _ParamSlot:
     """Per-parameter accumulators for the current step."""
 
     __slots__ = ("param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
-                 "cal_idx", "cal_sq", "cal_a")
+                 "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_x", "tail_prev_var")
 
     def __init__(self, param: Tensor, name: str, index: int) -> None:
         self.param = param
@@ -185,6 +185,9 @@ class _ParamSlot:
         self.cal_idx: Tensor | None = None  # κ calibration: fixed coordinate subset of this tensor
         self.cal_sq: Tensor | None = None  # Σ_k x_k² on the subset (float64)
         self.cal_a: Tensor | None = None  # A_{t-1} on the subset, taken at the step's first contribution
+        self.tail_idx: Tensor | None = None  # tail index: fixed coordinate subset (diag/lowrank modes)
+        self.tail_x: list[Tensor] = []  # this step's contributions on the subset (float64)
+        self.tail_prev_var: Tensor | None = None  # per-contribution variance on the subset from the previous step
 
 
 class NoiseStats:
@@ -224,6 +227,8 @@ class NoiseStats:
         calibration_coords: int = 4096,
         calibration_every: int = 200,
         calibration_lags: tuple[int, int] | None = None,
+        tail_coords: int = 2048,
+        tail_pool: int = 1 << 16,
         shrink: Callable[[Tensor], float] | None = None,
     ) -> None:
         if mode not in STATS_MODES or mode is None:
@@ -281,6 +286,13 @@ class NoiseStats:
                 raise ValueError(f"calibration_lags={calibration_lags!r} must satisfy 1 <= h_min < h_max")
             self.calibrator = KappaCalibrator(h_min=h_min, h_max=h_max)
             self._calibration_coords = int(calibration_coords)
+        # Tail index (diag/lowrank modes): a fixed subset of coordinates of every contribution is kept for the
+        # step; deviations standardized by the *previous* step's variance feed a ring buffer of samples.
+        self.tail_coords = int(tail_coords) if mode in ("diag", "lowrank") else 0
+        self._tail_pool = torch.empty(0, dtype=torch.float64)
+        self._tail_pool_size = int(tail_pool)
+        self._tail_pos = 0
+        self._tail_filled = 0
         _ENGINES.add(self)
         for gi, group in enumerate(optimizer.param_groups):
             self.track_group(group, gi)
@@ -352,15 +364,74 @@ class NoiseStats:
             if slot.sketch is None or slot.sketch.shape[0] != flat.numel():
                 slot.sketch = torch.zeros(flat.numel(), omega.shape[1], dtype=torch.float32, device=flat.device)
             slot.sketch.addr_(flat, proj)
+        if self.tail_coords:
+            flat_x = x.reshape(-1)
+            if slot.tail_idx is None:
+                slot.tail_idx = self._subset(slot, flat_x.numel(), flat_x.device, self.tail_coords, salt=11)
+            slot.tail_x.append(flat_x.index_select(0, slot.tail_idx).to(torch.float64))
         slot.count += 1
+
+    def _subset(self, slot: _ParamSlot, numel: int, device: torch.device, coords: int, salt: int = 0) -> Tensor:
+        """A fixed random coordinate subset of this tensor, its share of ``coords`` proportional to its size."""
+        total = sum(s.param.numel() * (2 if s.param.is_complex() else 1) for s in self.slots.values())
+        m = max(1, min(numel, math.ceil(coords * numel / max(total, 1))))
+        g = torch.Generator().manual_seed(self.seed * 7 + slot.index + 1 + 1_000_003 * salt)
+        return torch.randperm(numel, generator=g)[:m].sort().values.to(device)
 
     def _calibration_index(self, slot: _ParamSlot, numel: int, device: torch.device) -> Tensor:
         if slot.cal_idx is None:
-            total = sum(s.param.numel() * (2 if s.param.is_complex() else 1) for s in self.slots.values())
-            m = max(1, min(numel, math.ceil(self._calibration_coords * numel / max(total, 1))))
-            g = torch.Generator().manual_seed(self.seed * 7 + slot.index + 1)
-            slot.cal_idx = torch.randperm(numel, generator=g)[:m].sort().values.to(device)
+            slot.cal_idx = self._subset(slot, numel, device, self._calibration_coords)
         return slot.cal_idx
+
+    @torch.no_grad()
+    def _collect_tail_samples(self, slots: Sequence[_ParamSlot]) -> None:
+        """Standardize this step's deviations by the previous step's variance; refresh that variance."""
+        for s in slots:
+            n = len(s.tail_x)
+            if n < 2:
+                s.tail_x = []
+                continue
+            xs = torch.stack(s.tail_x)  # [n, m] local contributions
+            s.tail_x = []
+            var = xs.var(dim=0, unbiased=True)
+            if s.tail_prev_var is not None and s.tail_prev_var.shape == var.shape:
+                keep = s.tail_prev_var > 0
+                dev = (xs - xs.mean(dim=0, keepdim=True))[:, keep] / s.tail_prev_var[keep].sqrt()
+                self._tail_push((dev * math.sqrt(n / (n - 1.0))).reshape(-1))
+            s.tail_prev_var = var
+
+    def _tail_push(self, samples: Tensor) -> None:
+        if self._tail_pool.numel() == 0:
+            self._tail_pool = torch.zeros(self._tail_pool_size, dtype=torch.float64, device=samples.device)
+        samples = samples[-self._tail_pool_size:]
+        k = samples.numel()
+        end = self._tail_pos + k
+        if end <= self._tail_pool_size:
+            self._tail_pool[self._tail_pos:end] = samples
+        else:
+            first = self._tail_pool_size - self._tail_pos
+            self._tail_pool[self._tail_pos:] = samples[:first]
+            self._tail_pool[: k - first] = samples[first:]
+        self._tail_pos = end % self._tail_pool_size
+        self._tail_filled = min(self._tail_pool_size, self._tail_filled + k)
+
+    def tail_index(self, num_boot: int = 200, ci: float = 0.95, block: int | None = None, seed: int = 0) -> Any:
+        """α-stable tail index of the micro-batch gradient noise (SPEC §3), with a bootstrap CI.
+
+        Uses the pooled standardized deviations of the last ``tail_pool`` samples (diag/lowrank modes only; each
+        coordinate standardized by its variance from the previous measured step, i.e. independent data). Reads
+        the pool on the host. Returns :class:`pnekern.stats.TailIndexResult`.
+        """
+        from .tail import tail_index as _tail_index
+
+        if not self.tail_coords:
+            raise RuntimeError("tail_index needs stats='diag' or 'lowrank' (trace mode keeps no per-element samples)")
+        if self._tail_filled < 64:
+            raise RuntimeError(
+                f"tail_index: only {self._tail_filled} samples so far; it needs two measured steps with >= 2 "
+                "micro-batches each (the first step only provides the standardizing variance)"
+            )
+        return _tail_index(self._tail_pool[: self._tail_filled], block, num_boot=num_boot, ci=ci, seed=seed)
 
     def _capture_calibration(self, slot: _ParamSlot, x: Tensor, v: Tensor | None, inv_sqrt_bc2: float, eps: float) -> None:
         flat = x.reshape(-1)
@@ -428,6 +499,7 @@ class NoiseStats:
                     slot.sumsq.zero_()
                 if slot.sketch is not None:
                     slot.sketch.zero_()
+            slot.tail_x = []
 
     # ------------------------------------------------------------------ step
     def sumsq_buffer(self, p: Tensor) -> Tensor | None:
@@ -610,6 +682,8 @@ class NoiseStats:
             }
         if self.mode == "lowrank":
             self._lowrank_factors(slots, table, world)
+        if self.tail_coords:
+            self._collect_tail_samples(slots)
         if self.calibrator is not None and (skipped is None or skipped.device.type == "cpu" and not bool(skipped)):
             self._observe_calibration(slots, lrs, world, group)
         stats = StepStats(
