@@ -165,10 +165,25 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
     return out
 
 
+def _weak_callable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A bound method held through a weak reference (plain functions are returned unchanged)."""
+    if not hasattr(fn, "__self__") or not hasattr(fn, "__func__"):
+        return fn
+    ref = weakref.WeakMethod(fn)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        method = ref()
+        if method is None:
+            raise RuntimeError("pnekern stats: the optimizer this statistics engine belonged to no longer exists")
+        return method(*args, **kwargs)
+
+    return call
+
+
 class _ParamSlot:
     """Per-parameter accumulators for the current step."""
 
-    __slots__ = ("param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
+    __slots__ = ("__weakref__", "param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
                  "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_x", "tail_prev_var")
 
     def __init__(self, param: Tensor, name: str, index: int) -> None:
@@ -242,10 +257,12 @@ class NoiseStats:
         if not 0.0 <= gns_beta < 1.0:
             raise ValueError(f"gns_beta={gns_beta!r} must be in [0, 1)")
         kappa_value(kappa, 0.9)  # validates
-        self.optimizer = optimizer
+        # No strong references back to the optimizer (its bound methods included): the optimizer owns the engine,
+        # and a cycle would keep a discarded optimizer's hooks capturing until the garbage collector runs.
+        self._optimizer_ref = weakref.ref(optimizer)
         self.mode = mode
-        self.precond = precond
-        self.beta1_of = beta1
+        self.precond = _weak_callable(precond)
+        self.beta1_of = _weak_callable(beta1)
         self.batch_size = batch_size
         self.kappa = kappa
         self.bias_corrected = bool(bias_corrected)
@@ -273,7 +290,7 @@ class NoiseStats:
         self._warned_single = False
         self.clip_coef: Tensor | None = None
         self.grad_scaler: Any = None
-        self.shrink_of = shrink
+        self.shrink_of = None if shrink is None else _weak_callable(shrink)
         self.calibrator = None
         self.calibration_every = int(calibration_every)
         self.calibration_estimate = None
@@ -298,6 +315,11 @@ class NoiseStats:
             self.track_group(group, gi)
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer this engine measures (weakly referenced; None once it is gone)."""
+        return self._optimizer_ref()
+
     def track_group(self, group: dict[str, Any], gi: int) -> None:
         """Register capture hooks on a param group's parameters (called for groups added later too)."""
         names = group.get("param_names")
@@ -323,9 +345,15 @@ class NoiseStats:
                 slot.handle = None
 
     def _make_hook(self, slot: _ParamSlot) -> Callable[[tuple[Tensor | None, ...]], None]:
+        # The hook lives on an autograd node the parameter references; a strong reference to the engine would keep
+        # a discarded optimizer's statistics alive (and running) for as long as the parameter lives.
+        engine_ref = weakref.ref(self)
+        slot_ref = weakref.ref(slot)
+
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-            if grad_outputs and grad_outputs[0] is not None:
-                self._capture(slot, grad_outputs[0])
+            engine, sl = engine_ref(), slot_ref()
+            if engine is not None and sl is not None and grad_outputs and grad_outputs[0] is not None:
+                engine._capture(sl, grad_outputs[0])
             return None
 
         return hook
