@@ -1,49 +1,40 @@
 """pytest-benchmark suite for the optimizer step (not part of the default test run).
 
-    pytest benchmarks/ --benchmark-only --benchmark-group-by=param:numel,param:layout
+    pytest benchmarks/test_bench_adamw_step.py --benchmark-only --benchmark-group-by=param:numel,param:layout
 
-Compares torch AdamW (for-loop, foreach, fused) with pnekern.AdamW(backend="cpp") and the copy / triad
-bandwidth rooflines at the same size, in one run. Set PNEKERN_BENCH_SIZES (e.g. "4000000,32000000").
+torch AdamW (for-loop, foreach, fused) vs pnekern.AdamW on every fast backend of the device, plus the copy / triad
+bandwidth rooflines at the same size. ``extra_info`` holds the bytes one call moves, so GB/s = bytes / mean time.
+Sizes/layouts/device: see benchmarks/conftest.py. No assertions on time: this is a measurement, not a test.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-import pnekern
-from pnekern.bench import make_layout
+from _bench_common import DEVICE, LAYOUTS, SIZES, fast_backends, run_pedantic, torch_impls
+from pnekern import bench
 
-SIZES = [int(s) for s in os.environ.get("PNEKERN_BENCH_SIZES", "4000000,32000000").split(",")]
-
-VARIANTS = {
-    "torch_forloop": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False),
-    "torch_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-    "torch_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
-    "pnekern_cpp": lambda ps: pnekern.AdamW(ps, lr=1e-3, backend="cpp"),
-}
+VARIANTS = [("torch", i) for i in torch_impls()] + [("pnekern", b) for b in fast_backends()]
 
 
-@pytest.mark.parametrize("layout", ["flat", "mixed100"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("numel", SIZES)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_adamw_step(benchmark, variant, numel, layout):
-    ps = [torch.nn.Parameter(p) for p in make_layout(numel, layout)]
-    for p in ps:
-        p.grad = torch.randn_like(p) * 1e-2
-    opt = VARIANTS[variant](ps)
-    benchmark.extra_info["bytes_per_step"] = 28 * numel
-    benchmark.pedantic(opt.step, rounds=15, warmup_rounds=3)
+@pytest.mark.parametrize("impl, which", VARIANTS, ids=[f"{i}_{w}" for i, w in VARIANTS])
+def test_adamw_step(benchmark, impl, which, numel, layout):
+    src = bench.make_layout(numel, layout, device=DEVICE)
+    (grads,) = bench.shared_grads(src, 1, seed=7)
+    step, _ = bench.step_callable(impl, which, src, grads)
+    benchmark.extra_info.update(bytes_per_call=int(bench.bytes_per_param("step") * numel), n_tensors=len(src),
+                                threads=torch.get_num_threads())
+    run_pedantic(benchmark, step)
 
 
 @pytest.mark.parametrize("numel", SIZES)
 @pytest.mark.parametrize("kind", ["copy", "triad"])
 def test_roofline(benchmark, kind, numel):
-    a, b, c = torch.empty(numel), torch.randn(numel), torch.randn(numel)
-    if kind == "copy":
-        benchmark.extra_info["bytes_per_step"] = 8 * numel
-        benchmark.pedantic(lambda: a.copy_(b), rounds=15, warmup_rounds=3)
-    else:
-        benchmark.extra_info["bytes_per_step"] = 16 * numel
-        benchmark.pedantic(lambda: torch.add(b, c, alpha=0.5, out=a), rounds=15, warmup_rounds=3)
+    a = torch.empty(numel, device=DEVICE)
+    b = torch.randn(numel, device=DEVICE)
+    c = torch.randn(numel, device=DEVICE)
+    fn = (lambda: a.copy_(b)) if kind == "copy" else (lambda: torch.add(b, c, alpha=0.5, out=a))
+    benchmark.extra_info.update(bytes_per_call=int(bench.bytes_per_param(kind) * numel), threads=torch.get_num_threads())
+    run_pedantic(benchmark, fn)

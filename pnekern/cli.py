@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -21,9 +22,9 @@ def _parse_size(text: str) -> int:
     try:
         value = int(float(t) * mult)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: {text!r} is not a size like 4M or 1000000") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4M or 1000000") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"--sizes: {text!r} must be positive")
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
 
 
@@ -34,48 +35,94 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a failed run never leaves a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
+
+def _bench_command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return "pnekern " + " ".join(shlex.quote(a) for a in args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    if args.device not in ("cpu", "cuda"):
-        print(f"pnekern bench: --device {args.device!r} is not supported (cpu or cuda)", file=sys.stderr)
+    cfg = bench.BenchConfig(
+        device=args.device, sizes=args.sizes, layouts=args.layouts, sections=args.sections, torch_impls=args.torch,
+        backends=args.backends, stats=args.stats, micro_batches=args.micro_batches, threads=args.threads,
+        repeat=args.repeat, warmup=args.warmup, seed=args.seed,
+        train=bench.TrainModelConfig(d=args.train_d, k_max=args.train_k_max, n_layer=args.train_n_layer,
+                                     n_head=args.train_n_head, d_model=args.train_d_model, batch=args.train_batch),
+    )
+    try:
+        bench.validate_config(cfg)
+        if args.plot and "step" not in cfg.sections:
+            raise bench.BenchError("--plot", "needs the step section (--sections step ...)")
+        for flag, path in (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown)):
+            if path and os.path.isdir(path):
+                raise bench.BenchError(flag, f"{path!r} is a directory; give a file path")
+        if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+            raise bench.BenchError("--plot", f"{args.plot!r} exists and is not a directory")
+        # Every interleaved group holds all its variants at once; refuse sizes that cannot fit before allocating.
+        need, avail = bench.estimate_peak_bytes(cfg), bench.available_memory(cfg.device)
+        if need > 0.8 * avail:
+            raise bench.BenchError(
+                "--sizes", f"{max(cfg.sizes):,} params need about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} "
+                f"GiB is free on {cfg.device}; choose smaller --sizes (or fewer --backends/--stats/--torch variants)")
+    except bench.BenchError as e:
+        print(f"pnekern bench: {e}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("pnekern bench: --device cuda requested but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    for layout in args.layouts:
-        if layout not in bench.LAYOUTS:
-            print(f"pnekern bench: --layouts {layout!r} unknown; choose from {', '.join(bench.LAYOUTS)}", file=sys.stderr)
+    if args.csv and os.path.exists(args.csv):
+        with open(args.csv) as f:
+            first = f.readline().strip()
+        expected = bench.rows_to_csv([], {}, header=True).strip()
+        if first != expected:
+            print(f"pnekern bench: --csv {args.csv!r} exists with a different header; choose a new file",
+                  file=sys.stderr)
             return 2
-    # Each variant holds p, g, m, v (+ the roofline buffers); refuse sizes that cannot fit before allocating.
-    need = max(args.sizes) * 4 * 8
-    if args.device == "cpu":
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    else:
-        avail = torch.cuda.mem_get_info()[0]
-    if need > 0.8 * avail:
-        print(
-            f"pnekern bench: {max(args.sizes):,} params need about {need / 2**30:.1f} GiB but only "
-            f"{avail / 2**30:.1f} GiB is free on {args.device}; choose smaller --sizes",
-            file=sys.stderr,
-        )
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = bench.step_benchmark(args.sizes, args.layouts, device=args.device, repeat=args.repeat)
-    info = bench.machine_info(args.device)
-    print(f"device: {info['device']} | threads {info['threads']} | torch {info['torch']} | commit {info['commit']}")
-    print(bench.format_table(rows))
+
+    command = _bench_command_line(args.argv)
+    progress = None if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    rows = bench.run_benchmarks(cfg, progress=progress)
+    info = bench.machine_info(cfg.device)
+    print(f"{info['device_type']}: {info['device']} | threads {', '.join(str(t) for t in sorted({r.threads for r in rows}))}"
+          f" | torch {info['torch']} | triton {info['triton']} | commit {info['commit']}")
+    print(bench.format_tables(rows))
+    written = []
     if args.json:
-        # Write atomically so an interrupted run leaves no partial result file.
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(bench.rows_to_json(rows, info))
-        os.replace(tmp, args.json)
+        _write_atomic(args.json, bench.result_to_json(rows, info, cfg, command))
+        written.append(args.json)
+    if args.csv:
+        # Appends (header on a new file): one file can collect runs of several machines and commits.
+        old = ""
+        if os.path.exists(args.csv):
+            with open(args.csv) as f:
+                old = f.read()
+        _write_atomic(args.csv, old + bench.rows_to_csv(rows, info, header=not old))
+        written.append(args.csv)
+    if args.markdown:
+        text = bench.update_markdown(args.markdown, bench.section_key(info), bench.markdown_section(rows, info, command))
+        _write_atomic(args.markdown, text)
+        written.append(args.markdown)
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        name = f"bench_scaling_{info['device_type']}.png"
+        written.append(bench.plot_scaling(rows, os.path.join(args.plot, name)))
+    if written:
+        print(f"wrote {', '.join(written)}")
     return 0
 
 
@@ -256,19 +303,50 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_config_args(q)
     q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_sweep)
 
-    p = sub.add_parser("bench", help="optimizer-step throughput vs torch AdamW and the bandwidth roofline")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", nargs="+", type=_parse_size, default=[4_000_000, 32_000_000])
-    p.add_argument("--layouts", nargs="+", default=["flat", "mixed100"])
-    p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="write the rows and machine info here")
+    p = sub.add_parser(
+        "bench", help="optimizer-step throughput vs torch AdamW and the bandwidth roofline; statistics overhead; "
+                      "training-step overhead",
+        description="Interleaved timings of torch AdamW (for-loop/foreach/fused) and pnekern.AdamW backends with "
+                    "copy/triad rooflines, statistics overhead and a full training step. Ratios compare rows of the "
+                    "same run.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--sizes", nargs="+", type=_parse_size, default=[4_000_000, 32_000_000],
+                   help="total parameters per layout, e.g. 1M 4M 32M (default 4M 32M)")
+    p.add_argument("--layouts", nargs="+", default=["flat", "mixed100", "transformer"],
+                   help="flat | mixed100 | transformer | tiny (default flat mixed100 transformer)")
+    p.add_argument("--sections", nargs="+", default=["step", "stats"],
+                   help="step | stats | train (default step stats)")
+    p.add_argument("--torch", nargs="+", default=["forloop", "foreach", "fused"],
+                   help="torch.optim.AdamW variants: forloop foreach fused (default all)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="pnekern backends: cpp triton cuda reference (default: the fast ones available on the device)")
+    p.add_argument("--stats", nargs="+", default=["off", "trace", "diag"],
+                   help="statistics modes for the stats/train sections: off trace diag lowrank (default off trace diag)")
+    p.add_argument("--micro-batches", type=int, default=4, help="K backward calls per step (stats/train; default 4)")
+    p.add_argument("--threads", nargs="+", type=int, default=None,
+                   help="CPU thread counts to measure one after another (default: torch's current setting)")
+    p.add_argument("--repeat", type=int, default=15, help="timed samples per variant (default 15)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-d", type=int, default=20, help="training step: input dimension d (default 20)")
+    p.add_argument("--train-k-max", type=int, default=40, help="training step: examples per context (default 40)")
+    p.add_argument("--train-n-layer", type=int, default=4, help="training step: layers (default 4)")
+    p.add_argument("--train-n-head", type=int, default=4, help="training step: heads (default 4)")
+    p.add_argument("--train-d-model", type=int, default=256, help="training step: width (default 256)")
+    p.add_argument("--train-batch", type=int, default=64, help="training step: tasks per step, all micro-batches")
+    p.add_argument("--json", default=None, help="write machine info, config and every row (with samples) here")
+    p.add_argument("--csv", default=None, help="append the rows (with device, versions, commit) to this CSV")
+    p.add_argument("--markdown", default=None,
+                   help="replace this device's section of a results file, e.g. benchmarks/RESULTS.md")
+    p.add_argument("--plot", default=None, help="directory for the log-log scaling PNG (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(fn=_cmd_bench)
 
     p = sub.add_parser("info", help="print build_info(): versions, flags and available backends")
     p.set_defaults(fn=_cmd_info)
 
     args = parser.parse_args(argv)
+    args.argv = argv
     return int(args.fn(args) or 0)
 
 
