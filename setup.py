@@ -3,7 +3,8 @@
 Use ``pip install --no-build-isolation .`` (or ``pip wheel --no-build-isolation .``).
 Environment:
   PNEKERN_BUILD_CUDA=auto|0|1   compile csrc/cuda when torch has CUDA and a toolkit is found (auto), never, or always
-  PNEKERN_NATIVE=1              add -march=native (not portable)
+  PNEKERN_NATIVE=1              add -march=native (not portable; the default build already dispatches the hot loops
+                                to AVX2/AVX-512 code at run time, see csrc/cpu/cpu_isa.h)
   TORCH_CUDA_ARCH_LIST          honoured by torch.utils.cpp_extension for CUDA sources
 """
 import glob
@@ -40,7 +41,9 @@ def _extension():
     rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731 - setuptools wants relative paths
     sources = [rel(os.path.join(ROOT, "csrc", "torch_ops.cpp"))]
     sources += sorted(rel(p) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++20", "-g0"]
+    # -ffp-contract=off: the AVX2/AVX-512 copies of the hot loops (csrc/cpu/cpu_kernels_<isa>.cpp, compiled under
+    # `#pragma GCC target`) must not fuse mul+add into FMA, so every ISA level rounds like torch and like each other.
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", "-std=c++20", "-g0"]
     if os.environ.get("PNEKERN_NATIVE", "0") == "1":
         cxx.append("-march=native")
     macros = []

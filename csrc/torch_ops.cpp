@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/adamw_cpu.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/microbatch_cpu.h"
 #include "pnekern/adamw_types.h"
 #include "pnekern/half.h"
@@ -308,6 +309,38 @@ TORCH_LIBRARY_IMPL(pnekern, CUDA, m) {
 
 namespace {
 
+// The CPU hot loops' ISA levels (csrc/cpu/cpu_isa.h): compiled in, usable on this CPU, and the one in use now.
+pybind11::dict cpu_isa_info() {
+  using pnekern::CpuIsa;
+  pybind11::dict d;
+  std::vector<std::string> compiled, supported;
+  for (int i = 0; i < pnekern::kNumCpuIsa; ++i) {
+    const CpuIsa isa = static_cast<CpuIsa>(i);
+    if (pnekern::cpu_isa_compiled(isa)) compiled.emplace_back(pnekern::cpu_isa_name(isa));
+    if (pnekern::cpu_isa_supported(isa)) supported.emplace_back(pnekern::cpu_isa_name(isa));
+  }
+  d["compiled"] = compiled;
+  d["supported"] = supported;
+  d["best"] = std::string(pnekern::cpu_isa_name(pnekern::cpu_isa_best()));
+  const std::string env = pnekern::cpu_isa_env_request();
+  d["env"] = env.empty() ? pybind11::object(pybind11::none()) : pybind11::object(pybind11::str(env));
+  try {
+    d["selected"] = std::string(pnekern::cpu_isa_name(pnekern::cpu_isa_selected()));
+  } catch (const std::exception& e) {  // a bad PNEKERN_CPU_ISA: report it here, the kernels raise it when called
+    d["selected"] = pybind11::none();
+    d["error"] = std::string(e.what());
+  }
+  return d;
+}
+
+std::string get_cpu_isa() { return pnekern::cpu_isa_name(pnekern::cpu_isa_selected()); }
+
+// Returns the level now in use; raises ValueError for an unknown or unsupported level.
+std::string set_cpu_isa(const std::string& name) {
+  pnekern::cpu_isa_set(name.c_str());
+  return get_cpu_isa();
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #if defined(__clang__)
@@ -330,6 +363,7 @@ pybind11::dict build_info() {
   d["with_cuda"] = false;
   d["backends"] = std::vector<std::string>{"cpu"};
 #endif
+  d["cpu_isa"] = cpu_isa_info();
   d["adamw_chunk"] = static_cast<int64_t>(pnekern::kAdamWChunk);
   d["microbatch_chunk"] = static_cast<int64_t>(pnekern::kMicrobatchChunk);
   d["philox"] = std::string("philox4x32-10; key={seed_lo,seed_hi}; counter={elem_lo,elem_hi,tensor_idx,step}");
@@ -341,4 +375,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pnekern compiled kernels; the operators are registered under torch.ops.pnekern";
   m.def("build_info", &build_info, "How this extension was built: compiler, flags, OpenMP, CUDA, backends.");
+  m.def("cpu_isa", &get_cpu_isa, "The ISA level the CPU kernels use now: 'baseline', 'avx2' or 'avx512'.");
+  m.def("set_cpu_isa", &set_cpu_isa, pybind11::arg("name"),
+        "Select the CPU kernels' ISA level ('auto' re-reads PNEKERN_CPU_ISA, or 'baseline'/'avx2'/'avx512', which "
+        "must be supported by this CPU). Returns the level in use; every level gives bitwise identical results.");
 }

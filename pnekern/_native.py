@@ -68,8 +68,9 @@ def build_info() -> dict[str, Any]:
     """Versions, compile flags and the backends available in this installation.
 
     Returns a dict with ``pnekern``/``torch``/``triton`` versions, ``native`` (whether ``pnekern._C`` loaded,
-    and if so its own compile-time info: compiler, flags, OpenMP, CUDA), ``backends`` (names usable right now)
-    and ``load_error`` when the extension is missing.
+    and if so its own compile-time info: compiler, flags, OpenMP, CUDA), ``cpu_isa`` (the instruction-set levels
+    of the CPU kernels: compiled, supported, selected; None without the extension), ``backends`` (names usable
+    right now) and ``load_error`` when the extension is missing.
     """
     from . import __version__
 
@@ -85,11 +86,14 @@ def build_info() -> dict[str, Any]:
     if mod is not None:
         native = dict(mod.build_info())
         info["native"] = native
+        # ISA level of the CPU hot loops: {"compiled", "supported", "best", "selected", "env"} (PNEKERN_CPU_ISA).
+        info["cpu_isa"] = native.get("cpu_isa")
         backends.append("cpp")
         if native.get("with_cuda") and torch.cuda.is_available():
             backends.append("cuda")
     else:
         info["native"] = None
+        info["cpu_isa"] = None
         info["load_error"] = f"{type(_error).__name__}: {_error}"
     if info["triton"] is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         backends.append("triton")

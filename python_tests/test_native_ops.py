@@ -368,3 +368,56 @@ def test_opcheck_schema_fake_and_aot(ops):
     torch.library.opcheck(ops.adamw_step_.default, args)
     margs = (torch.zeros(2, dtype=torch.float64), torch.randn(7), torch.rand(7), 1.0, 1e-8, 1.0, torch.zeros(7))
     torch.library.opcheck(ops.microbatch_accumulate_.default, margs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ISA dispatch: every level compiled in and supported by this CPU gives bitwise identical results
+
+
+def _isa_levels():
+    if not _can_import_c():
+        return []
+    mod = importlib.import_module("pnekern._C")
+    return list(mod.build_info()["cpu_isa"]["supported"])
+
+
+def test_cpu_isa_info_and_bad_level_is_rejected(ops):
+    mod = importlib.import_module("pnekern._C")
+    info = mod.build_info()["cpu_isa"]
+    assert info["compiled"][0] == "baseline" and "baseline" in info["supported"]
+    assert info["selected"] in info["supported"]
+    with pytest.raises((ValueError, RuntimeError), match="avx9"):
+        mod.set_cpu_isa("avx9")
+    assert mod.cpu_isa() == info["selected"]  # a rejected request changes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad):
+    mod = importlib.import_module("pnekern._C")
+    levels = _isa_levels()
+    before = mod.cpu_isa()
+    sizes = (1, 17, 1023, 70001)  # tails shorter than a vector and than a stats block, and a chunk boundary
+    hp = _hp(amsgrad, maximize=False, weight_decay=0.1)
+    results = {}
+    try:
+        for level in levels:
+            mod.set_cpu_isa(level)
+            gen = torch.Generator().manual_seed(11)
+            st = _make_state(sizes, dtype, gen, amsgrad)
+            stats_rows, acc = [], torch.zeros(2, dtype=torch.float64)
+            for _ in range(3):
+                grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                sumsq = [torch.rand(n, generator=gen) for n in sizes]
+                ops.microbatch_accumulate_(acc, grads[-1], st["exp_avg_sqs"][-1], 1.3, 1e-8, 0.5, sumsq[-1])
+                stats = torch.empty(len(sizes), 4, dtype=torch.float64)
+                _native_step(ops, st, grads, hp, sumsq_bufs=sumsq, stats_out=stats)
+                stats_rows.append(stats)
+            results[level] = [*st["params"], *st["exp_avgs"], *st["exp_avg_sqs"], *st["max_exp_avg_sqs"],
+                              *stats_rows, acc]
+    finally:
+        mod.set_cpu_isa(before)
+    base = results[levels[0]]
+    for level in levels[1:]:
+        for i, (a, b) in enumerate(zip(base, results[level])):
+            assert torch.equal(a, b), f"{level} differs from {levels[0]} in output {i}"

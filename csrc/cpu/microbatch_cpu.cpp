@@ -1,37 +1,19 @@
 // See microbatch_cpu.h. One streaming pass over x (and v, sumsq): the hook runs once per micro-batch per parameter,
-// so it must cost about one read of the gradient.
+// so it must cost about one read of the gradient. The chunk loop is cpu_kernels.inc, compiled per ISA level.
 #include "microbatch_cpu.h"
 
-#include <cmath>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "pnekern/macros.h"
 
 namespace pnekern {
 namespace {
 
-template <typename T, bool HAS_V, bool HAS_SUMSQ>
-void microbatch_chunk(const T* __restrict__ x, const T* __restrict__ v, float* __restrict__ sumsq, int64_t n,
-                      float inv_sqrt_bc2, float eps, float scale, double* out) {
-  using S = Storage<T>;
-  double s0 = 0.0, s1 = 0.0;
-#pragma omp simd reduction(+ : s0, s1)
-  for (int64_t i = 0; i < n; ++i) {
-    const float y = scale * S::load(x[i]);
-    const float y2 = y * y;
-    float a = 1.0f;
-    if (HAS_V) a = 1.0f / (std::sqrt(S::load(v[i])) * inv_sqrt_bc2 + eps);
-    s0 += static_cast<double>(y2);
-    s1 += static_cast<double>(a * a * y2);
-    if (HAS_SUMSQ) sumsq[i] += y2;
-  }
-  out[0] = s0;
-  out[1] = s1;
-}
-
-template <typename T>
-void microbatch_typed(const T* x, const T* v, int64_t numel, float inv_sqrt_bc2, float eps, float scale,
-                      double* acc, float* sumsq, int nthreads) {
+void microbatch_chunks(DType dtype, const void* x, const void* v, int64_t numel, float inv_sqrt_bc2, float eps,
+                       float scale, double* acc, float* sumsq, int nthreads) {
+  // The loop of the selected ISA level (cpu_isa.h), resolved once per call: every level gives the same bits.
+  const MicrobatchChunkFn run_chunk = cpu_kernels().microbatch_chunk;
   const int64_t nchunks = (numel + kMicrobatchChunk - 1) / kMicrobatchChunk;
   std::vector<double> partials(static_cast<size_t>(nchunks) * 2, 0.0);
   double* partial_base = partials.data();
@@ -41,16 +23,7 @@ void microbatch_typed(const T* x, const T* v, int64_t numel, float inv_sqrt_bc2,
   for (int64_t c = 0; c < nchunks; ++c) {
     const int64_t b = c * kMicrobatchChunk;
     const int64_t n = (b + kMicrobatchChunk < numel ? b + kMicrobatchChunk : numel) - b;
-    const T* vc = v ? v + b : nullptr;
-    float* qc = sumsq ? sumsq + b : nullptr;
-    double* out = partial_base + 2 * c;
-    if (v) {
-      if (sumsq) microbatch_chunk<T, true, true>(x + b, vc, qc, n, inv_sqrt_bc2, eps, scale, out);
-      else microbatch_chunk<T, true, false>(x + b, vc, qc, n, inv_sqrt_bc2, eps, scale, out);
-    } else {
-      if (sumsq) microbatch_chunk<T, false, true>(x + b, vc, qc, n, inv_sqrt_bc2, eps, scale, out);
-      else microbatch_chunk<T, false, false>(x + b, vc, qc, n, inv_sqrt_bc2, eps, scale, out);
-    }
+    run_chunk(dtype, x, v, sumsq, b, n, inv_sqrt_bc2, eps, scale, partial_base + 2 * c);
   }
   double t0 = 0.0, t1 = 0.0;
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -69,22 +42,9 @@ void microbatch_accumulate_cpu(DType dtype, const void* x, const void* v, int64_
   PNEKERN_CHECK(acc != nullptr, "acc is null");
   PNEKERN_CHECK(numel == 0 || x != nullptr, "x is null");
   if (nthreads < 1) nthreads = 1;
-  switch (dtype) {
-    case DType::kFloat32:
-      microbatch_typed<float>(static_cast<const float*>(x), static_cast<const float*>(v), numel, inv_sqrt_bc2, eps,
-                              scale, acc, sumsq, nthreads);
-      break;
-    case DType::kBFloat16:
-      microbatch_typed<bf16_t>(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(v), numel, inv_sqrt_bc2,
-                               eps, scale, acc, sumsq, nthreads);
-      break;
-    case DType::kFloat16:
-      microbatch_typed<fp16_t>(static_cast<const fp16_t*>(x), static_cast<const fp16_t*>(v), numel, inv_sqrt_bc2,
-                               eps, scale, acc, sumsq, nthreads);
-      break;
-    default:
-      PNEKERN_CHECK(false, "unsupported dtype " << static_cast<int>(dtype));
-  }
+  PNEKERN_CHECK(dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16,
+                "unsupported dtype " << static_cast<int>(dtype));
+  microbatch_chunks(dtype, x, v, numel, inv_sqrt_bc2, eps, scale, acc, sumsq, nthreads);
 }
 
 }  // namespace pnekern

@@ -1,0 +1,59 @@
+// Per-ISA hot loops of the CPU kernels: plain-data arguments and the entry points each ISA level exports.
+//
+// ODR rule for the ISA translation units (cpu_kernels_<isa>.cpp): they include this header and the system headers
+// *before* switching the target, and everything they define after the switch lives in the namespace of their level
+// (pnekern::isa_avx2, ...) or in an anonymous namespace. An inline function or template instantiation with external
+// linkage emitted under `target("avx2")` could otherwise be the copy the linker keeps for baseline callers (SIGILL on
+// older CPUs). No std containers or other library templates are used after the switch.
+#pragma once
+
+#include <cstdint>
+
+#include "pnekern/adamw_types.h"
+#include "pnekern/half.h"
+
+namespace pnekern {
+
+// Statistics mode of an AdamW chunk: none, the three gradient sums, or those plus Σ a_new² q (a sumsq buffer exists).
+enum AdamWStatsMode : int { kNoStats = 0, kStats = 1, kStatsWithSumsq = 2 };
+
+// Call-wide AdamW scalars, already rounded to fp32 the way torch rounds them.
+struct AdamWScalars {
+  DType dtype;
+  bool amsgrad;
+  bool unscale;  // grad is divided by `scale` and written back
+  float w1;      // 1 - β1
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float sign;    // -1 for maximize
+  float scale;
+};
+
+// One chunk [begin, end) of one tensor (see adamw_step_cpu for the stats contract). partial: double[4], written
+// when stats_mode != kNoStats.
+using AdamWChunkFn = void (*)(const AdamWScalars& s, int stats_mode, const AdamWTensor& t, const TensorCoeffs& c,
+                              int64_t begin, int64_t end, double* partial);
+
+// Elements [begin, begin+n) of microbatch_accumulate_cpu's x (and v, sumsq); out: double[2], overwritten.
+using MicrobatchChunkFn = void (*)(DType dtype, const void* x, const void* v, float* sumsq, int64_t begin, int64_t n,
+                                   float inv_sqrt_bc2, float eps, float scale, double* out);
+
+struct CpuKernels {
+  AdamWChunkFn adamw_chunk;
+  MicrobatchChunkFn microbatch_chunk;
+};
+
+#define PNEKERN_DECLARE_CPU_KERNELS(ns)                                                                            \
+  namespace ns {                                                                                                   \
+  void adamw_chunk(const AdamWScalars& s, int stats_mode, const AdamWTensor& t, const TensorCoeffs& c,             \
+                   int64_t begin, int64_t end, double* partial);                                                   \
+  void microbatch_chunk(DType dtype, const void* x, const void* v, float* sumsq, int64_t begin, int64_t n,         \
+                        float inv_sqrt_bc2, float eps, float scale, double* out);                                  \
+  }
+
+PNEKERN_DECLARE_CPU_KERNELS(isa_baseline)
+PNEKERN_DECLARE_CPU_KERNELS(isa_avx2)
+PNEKERN_DECLARE_CPU_KERNELS(isa_avx512)
+
+}  // namespace pnekern
