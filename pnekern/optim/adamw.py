@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
+from ..noise.config import NoiseConfig
+from ..noise.injector import NoiseInjector
 from ..stats.engine import STATS_MODES, NoiseStats, StepStats
 
 __all__ = ["AdamW"]
@@ -54,6 +56,10 @@ class AdamW(torch.optim.AdamW):
         stats_seed: seeds the lowrank sketch's Ω and the coordinate subsets. calibration_every: steps between κ
             fits (``kappa="calibrated"``). tail_coords: coordinates per contribution kept for :meth:`tail_index`
             (diag/lowrank modes).
+        noise: :class:`pnekern.NoiseConfig` (SPEC §5): inject gradient- or parameter-space noise toward a target
+            covariance / emulated batch size / exposure schedule, from a Philox stream whose seed and counter are in
+            ``state_dict()``; ``last_stats()`` then reports totals and parts. None (default): no noise, and the step
+            is exactly the one without this argument.
 
     GradScaler: the step consumes ``grad_scale``/``found_inf`` itself (like torch's ``fused=True``): gradients are
     unscaled in the kernel and a step with ``found_inf`` changes nothing and is not counted.
@@ -87,6 +93,7 @@ class AdamW(torch.optim.AdamW):
         stats_seed: int = 0,
         calibration_every: int = 200,
         tail_coords: int = 2048,
+        noise: NoiseConfig | None = None,
     ) -> None:
         backend = ops.default_backend() if backend is None else ops.validate_backend(backend)
         if stats not in STATS_MODES:
@@ -128,6 +135,8 @@ class AdamW(torch.optim.AdamW):
         # Our kernels unscale gradients and honour found_inf in-step, so GradScaler hands them over instead of
         # unscaling p.grad in place (torch's fused AdamW contract).
         self._step_supports_amp_scaling = not differentiable
+        # Noise injection (SPEC §5, pnekern.noise); validated here, before any step.
+        self._noise: NoiseInjector | None = None if noise is None else NoiseInjector(self, noise)
 
     # Optimizer.__getstate__ keeps only defaults/state/param_groups; our settings must survive deepcopy/pickle.
     def __getstate__(self) -> dict[str, Any]:
@@ -138,21 +147,32 @@ class AdamW(torch.optim.AdamW):
         state["_stats"] = getattr(self, "_stats", None)
         state["_probes"] = getattr(self, "_probes", [])
         state["_probe_steps"] = getattr(self, "_probe_steps", 0)
+        state["_noise"] = getattr(self, "_noise", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", "auto")
-        state.setdefault("check_finite", False)
-        state.setdefault("_stats", None)
-        state.setdefault("_probes", [])
-        state.setdefault("_probe_steps", 0)
-        state.setdefault("last_probe_result", None)
+        # torch's load_state_dict also calls __setstate__ (with only state/param_groups): keep our current
+        # settings then; the defaults are for unpickling objects saved before a setting existed.
+        for key, default in (
+            ("backend", "auto"), ("check_finite", False), ("_stats", None), ("_probes", []), ("_probe_steps", 0),
+            ("last_probe_result", None), ("_noise", None),
+        ):
+            state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
+        if self._noise is not None:
+            self._noise.attach(self)  # torch drops the state_dict hooks on pickling
 
     # ------------------------------------------------------------------ statistics API
     def _group_of(self, p: Tensor) -> dict[str, Any]:
+        # Called from the capture hook for every parameter and micro-batch: cache the lookup. load_state_dict
+        # replaces the group dicts, so a cached group is trusted only while it is still one of param_groups.
+        cache = self.__dict__.setdefault("_group_cache", {})
+        group = cache.get(id(p))
+        if group is not None and any(g is group for g in self.param_groups):
+            return group
         for group in self.param_groups:
             if any(q is p for q in group["params"]):
+                cache[id(p)] = group
                 return group
         raise KeyError("parameter is not managed by this optimizer")
 
@@ -328,6 +348,8 @@ class AdamW(torch.optim.AdamW):
         use_sumsq = measuring and stats.mode in ("diag", "lowrank")
         if use_sumsq:
             stats.reduce_buffers()  # the step's Σ a_t² q column must see every worker's contributions
+        # Noise is drawn before anything is mutated (a failing draw leaves params/state untouched).
+        noise = self._noise.prepare(todo, grad_scale) if self._noise is not None else None
         rows: dict[int, Tensor] = {}
         lrs: dict[int, float] = {}
         by_group: dict[int, list[Tensor]] = defaultdict(list)
@@ -341,7 +363,7 @@ class AdamW(torch.optim.AdamW):
             buckets: dict[tuple[str, torch.device, torch.dtype], dict[str, list[Tensor]]] = {}
             for p in plist:
                 state = self._init_state(group, p)
-                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
+                tensors = [p, p.grad if noise is None else noise.grad_for(p), state["exp_avg"], state["exp_avg_sq"]]
                 if amsgrad:
                     tensors.append(state["max_exp_avg_sq"])
                 if p.is_complex():
@@ -399,11 +421,15 @@ class AdamW(torch.optim.AdamW):
                 if stats_out is not None:
                     for i, p in enumerate(b["orig"]):
                         rows[id(p)] = stats_out[i]
+        if noise is not None:
+            noise.after_update(rows, found_inf)
         if stats is not None:
             stats.finish_step(
                 rows, lrs, found_inf=found_inf, grad_scale=grad_scale,
                 precond="new" if stats.mode in ("diag", "lowrank") else "prev",
             )
+        if noise is not None:
+            noise.finish()
 
     def _differentiable_step(self) -> None:
         # Autograd through the update: torch's own single-tensor path (same math), not a fused kernel.
