@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 from ._native import build_info
 from .clip import clip_grad_norm_
 from .optim.adamw import AdamW
+from .optim.nap import NAP
 from .noise.config import NoiseConfig
 from .optim.sgd import SGD
 
-__all__ = ["AdamW", "SGD", "NoiseConfig", "clip_grad_norm_", "build_info", "__version__"]
+__all__ = ["AdamW", "NAP", "SGD", "NoiseConfig", "clip_grad_norm_", "build_info", "__version__"]

@@ -11,6 +11,8 @@ Layout (data flows one way; nothing here imports ``pnekern.optim`` at import tim
   head knockout, linear probes, recall accuracy.
 - :mod:`.train` — :func:`train` with micro-batching, warm-up+cosine LR, matched-loss stopping.
 - :mod:`.stats` — Spearman ρ with bootstrap CI, TOST equivalence, Holm–Bonferroni.
+- :mod:`.similarity` / :mod:`.layer_causal` — SimAOU / SimAM / SimAMΔ and layer-causal K/V fine-tuning (ZS vs ICL
+  vs FT), with random-update and untrained-model controls.
 - :mod:`.runs` — :class:`RunConfig`, training with ``pnekern.AdamW`` statistics and a curvature probe,
   evaluation vs baselines, report files and resumable sweeps (behind ``pnekern demo`` / ``pnekern icl``).
 """
@@ -30,6 +32,9 @@ from .tasks import (IGNORE_INDEX, ClassificationTask, CopyTask, FactualRecallTas
                     LinearRegressionTask, RegressionBatch, SequenceBatch, SparseRegressionTask, TASK_REGISTRY,
                     make_generator, make_task)
 from .train import TrainResult, check_model_task, compute_loss, train, warmup_cosine_factor
+from .similarity import AttentionCapture, capture_attention, cosine, sim_am, sim_am_delta, sim_aou
+from .layer_causal import (SIMILARITY_METHODS, SimilarityResult, final_loss, finetune_kv, icl_ft_similarity,
+                           kv_parameters, layer_causal_loss, layer_outputs, random_kv_update)
 
 __all__ = [
     # tasks
@@ -52,4 +57,8 @@ __all__ = [
     "RunConfig", "train_run", "evaluate_run", "write_run_files", "load_run", "run_sweep",
     # statistics
     "SpearmanResult", "TOSTResult", "spearman_with_ci", "tost_two_sample", "holm_bonferroni",
+    # ICL vs GD similarity, layer-causal GD
+    "AttentionCapture", "capture_attention", "cosine", "sim_aou", "sim_am", "sim_am_delta",
+    "SIMILARITY_METHODS", "SimilarityResult", "icl_ft_similarity", "finetune_kv", "random_kv_update",
+    "kv_parameters", "layer_outputs", "layer_causal_loss", "final_loss",
 ]
