@@ -31,6 +31,11 @@ def default_backend() -> str:
     return value
 
 
+def native_available() -> bool:
+    """True when the compiled extension is loaded (loads it on first call; cheap afterwards)."""
+    return _native.available()
+
+
 def validate_backend(backend: str) -> str:
     """Normalise and check a user-supplied backend name (ValueError naming the choices otherwise)."""
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:

@@ -96,6 +96,10 @@ class AdamW(torch.optim.AdamW):
         noise: NoiseConfig | None = None,
     ) -> None:
         backend = ops.default_backend() if backend is None else ops.validate_backend(backend)
+        if backend in ("auto", "cpp"):
+            # Load the extension now, outside any compiled region: torch.compile cannot trace the loader's lock,
+            # and a step compiled with fullgraph=True would otherwise fail on its first call.
+            ops.native_available()
         if stats not in STATS_MODES:
             raise ValueError(f"stats={stats!r} is not a statistics mode; choose one of None, 'trace', 'diag', 'lowrank'")
         super().__init__(
