@@ -75,11 +75,24 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             )
         return "triton"
     if requested == "cuda":
-        raise RuntimeError(
-            f"backend={requested!r} is not available in this build (GPU kernels are not compiled in); "
-            "use backend='auto', 'triton', 'cpp' or 'reference'"
-        )
+        reason = _cuda_usable(device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend='cuda' cannot run here: {reason}; use backend='auto', 'triton' or 'reference'")
+        return "cuda"
     return requested
+
+
+def _cuda_usable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the CUDA C++ kernels (csrc/cuda, registered for the CUDA dispatch key) can run, else why not."""
+    if device.type != "cuda":
+        return f"the CUDA C++ kernels run on CUDA tensors, got tensors on {device}"
+    mod = _native.require("backend='cuda'")
+    if not mod.build_info().get("with_cuda"):
+        return ("the compiled extension was built without CUDA sources (rebuild on a machine with a CUDA torch and "
+                "toolkit: PNEKERN_BUILD_CUDA=1 pip install --no-build-isolation .)")
+    if dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernels store float32, bfloat16 or float16, got {dtype}"
+    return None
 
 
 def _triton_usable(device: torch.device) -> str | None:
@@ -136,7 +149,7 @@ def adamw_step_(
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad), bool(maximize),
         grad_scale, found_inf, list(sumsq_bufs), stats_out,
     )
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # one operator; the dispatcher picks the CPU or CUDA kernel by device
         torch.ops.pnekern.adamw_step_(*args)
     elif backend == "reference":
         _ref_adamw.adamw_step_(*args)
