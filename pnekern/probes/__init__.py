@@ -35,7 +35,7 @@ from ._operators import (
     unflatten_vector,
 )
 from ._probe import CurvatureProbe, ProbeResult
-from ._sharpness import perturbation_sharpness, sam_sharpness, sampled_label_ggn_trace
+from ._sharpness import local_entropy, perturbation_sharpness, sam_sharpness, sampled_label_ggn_trace
 
 __all__ = [
     "CurvatureOperator",
@@ -48,6 +48,7 @@ __all__ = [
     "fd_hvp",
     "flatten_tensors",
     "ggn_vp",
+    "local_entropy",
     "hutchinson_diag",
     "hutchinson_trace",
     "hutchpp_trace",
