@@ -17,6 +17,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from .. import ops
 from ..noise.config import NoiseConfig
 from ..noise.injector import NoiseInjector
+from ..stats.engine import STATE_KEY as STATS_STATE_KEY
 from ..stats.engine import STATS_MODES, NoiseStats, StepStats
 
 __all__ = ["AdamW"]
@@ -163,8 +164,32 @@ class AdamW(torch.optim.AdamW):
         ):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
+        # The statistics engine re-hooked the copied parameters in its own __setstate__.
         if self._noise is not None:
             self._noise.attach(self)  # torch drops the state_dict hooks on pickling
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, plus the statistics engine's state under ``"pnekern_stats"`` (stats enabled).
+
+        torch's load_state_dict ignores the extra key, so torch.optim.AdamW loads our checkpoints.
+        """
+        sd = super().state_dict()
+        if getattr(self, "_stats", None) is not None:
+            sd[STATS_STATE_KEY] = self._stats.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict; also restores the statistics (when the checkpoint has them) so that the run
+        continues with identical ``last_stats()`` and exposure values. A checkpoint without them (e.g. from
+        torch.optim.AdamW) leaves the statistics as they are."""
+        stats_state = state_dict.get(STATS_STATE_KEY) if isinstance(state_dict, dict) else None
+        super().load_state_dict(state_dict)
+        stats = getattr(self, "_stats", None)
+        if stats is not None:
+            if stats_state is not None:
+                stats.load_state_dict(stats_state)
+            else:
+                stats.invalidate_caches()  # the state tensors A_{t−1} is read from were replaced
 
     # ------------------------------------------------------------------ statistics API
     def _group_of(self, p: Tensor) -> dict[str, Any]:

@@ -54,10 +54,15 @@ class DebiasedEMA:
     def state_dict(self) -> dict:
         return {"beta": self.beta, "avg": self._avg, "weight": self._weight}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore :meth:`state_dict`; tensors are copied (to ``device`` when given)."""
+
+        def own(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(device=device if device is not None else t.device, copy=True)
+
         self.beta = float(state["beta"])
-        self._avg = state["avg"]
-        self._weight = state["weight"]
+        self._avg = own(state["avg"])
+        self._weight = own(state["weight"])
 
 
 class NoiseScaleEMA:
@@ -89,6 +94,15 @@ class NoiseScaleEMA:
         self.den.update(torch.where(both, den, nan.to(den.dtype)))
         if self.keep_pairs:
             self.pairs.append((num.detach(), den.detach()))
+
+    def state_dict(self) -> dict:
+        """Both EMAs with their debias weights (the raw ``pairs`` history is not part of the state)."""
+        return {"num": self.num.state_dict(), "den": self.den.state_dict(), "floor": self.floor}
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        self.num.load_state_dict(state["num"], device)
+        self.den.load_state_dict(state["den"], device)
+        self.floor = float(state.get("floor", self.floor))
 
     def value(self) -> Tensor | None:
         """B_simple [examples] as a 0-dim float64 device tensor (NaN before any finite step), or None."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["NoiseStats", "StepStats", "STATS_MODES", "KAPPA_MODES", "kappa_value", "engines_for"]
+__all__ = ["NoiseStats", "StepStats", "STATS_MODES", "KAPPA_MODES", "STATE_KEY", "kappa_value", "engines_for"]
 
 import weakref
 
@@ -32,6 +32,10 @@ def engines_for(params: Sequence[Tensor]) -> list["NoiseStats"]:
     """The statistics engines tracking any of ``params`` (used by pnekern.clip_grad_norm_)."""
     ids = {id(p) for p in params}
     return [e for e in list(_ENGINES) if any(pid in ids for pid in e.slots)]
+
+#: key of the statistics engine's state inside ``optimizer.state_dict()`` (torch's load_state_dict ignores unknown
+#: keys, so our checkpoints stay loadable by torch.optim.AdamW; a checkpoint without it leaves the engine as is).
+STATE_KEY = "pnekern_stats"
 
 STATS_MODES = (None, "trace", "diag", "lowrank")
 KAPPA_MODES = ("ema", "heavy_ball", "calibrated")
@@ -151,6 +155,77 @@ class StepStats:
         return rec
 
 
+class _PerParamTable:
+    """The [P, C] float64 per-parameter statistics of one step (columns ``PER_PARAM_COLUMNS``)."""
+
+    __slots__ = ("matrix",)
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = matrix
+
+
+#: columns of a step's per-parameter table, in the order of the per-parameter dict
+PER_PARAM_COLUMNS = ("trace_noise", "trace_precond_noise", "grad_norm_sq", "temperature", "diffusion")
+_COLUMN = {k: j for j, k in enumerate(PER_PARAM_COLUMNS)}
+
+
+class _Lazy:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<lazy>"
+
+    def __reduce__(self) -> str:
+        return "_LAZY"  # pickled by name: the sentinel stays a singleton across pickle/deepcopy
+
+
+_LAZY = _Lazy()
+
+
+class _LazyRow(MutableMapping):
+    """One parameter's entry of ``StepStats.per_param``: a mapping whose tensor values are views of one row of the
+    step's per-parameter table, created on first access. Reads, writes, iteration order and ``dict(row)`` behave
+    like the plain dict this replaces (num_contributions, trace_noise, …, lr)."""
+
+    __slots__ = ("_table", "_i", "_data")
+
+    def __init__(self, table: _PerParamTable, i: int, data: dict[str, Any]) -> None:
+        self._table = table
+        self._i = i
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        v = self._data[key]
+        if v is _LAZY:
+            v = self._data[key] = self._table.matrix[self._i, _COLUMN[key]]
+        return v
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+    def lazy_items(self) -> tuple[_PerParamTable, int, list[tuple[str, Any]], list[tuple[str, int]]]:
+        """(table, row, [(key, value) already materialized or static], [(key, column) still in the table])."""
+        done, pending = [], []
+        for k, v in self._data.items():
+            if v is _LAZY:
+                pending.append((k, _COLUMN[k]))
+            else:
+                done.append((k, v))
+        return self._table, self._i, done, pending
+
+
 def _to_host(tensors: list[Tensor]) -> list[float]:
     if not tensors:
         return []
@@ -165,26 +240,42 @@ def _to_host(tensors: list[Tensor]) -> list[float]:
     return out
 
 
+class _WeakBoundMethod:
+    """``obj.method`` held through a weak reference to ``obj``; pickles/deep-copies as (function, obj) so that a
+    copied engine calls the copied optimizer (rebound when unpickled)."""
+
+    __slots__ = ("func", "ref")
+
+    def __init__(self, func: Callable[..., Any], obj: Any) -> None:
+        self.func = func
+        self.ref = weakref.ref(obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        obj = self.ref()
+        if obj is None:
+            raise RuntimeError("pnekern stats: the optimizer this statistics engine belonged to no longer exists")
+        return self.func(obj, *args, **kwargs)
+
+    def __getstate__(self) -> tuple[Callable[..., Any], Any]:
+        return self.func, self.ref()
+
+    def __setstate__(self, state: tuple[Callable[..., Any], Any]) -> None:
+        self.func, obj = state
+        self.ref = weakref.ref(obj) if obj is not None else (lambda: None)
+
+
 def _weak_callable(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A bound method held through a weak reference (plain functions are returned unchanged)."""
     if not hasattr(fn, "__self__") or not hasattr(fn, "__func__"):
         return fn
-    ref = weakref.WeakMethod(fn)
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        method = ref()
-        if method is None:
-            raise RuntimeError("pnekern stats: the optimizer this statistics engine belonged to no longer exists")
-        return method(*args, **kwargs)
-
-    return call
+    return _WeakBoundMethod(fn.__func__, fn.__self__)
 
 
 class _ParamSlot:
     """Per-parameter accumulators for the current step."""
 
     __slots__ = ("__weakref__", "param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
-                 "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_x", "tail_prev_var")
+                 "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_x", "tail_prev_var", "precond", "omega")
 
     def __init__(self, param: Tensor, name: str, index: int) -> None:
         self.param = param
@@ -203,6 +294,24 @@ class _ParamSlot:
         self.tail_idx: Tensor | None = None  # tail index: fixed coordinate subset (diag/lowrank modes)
         self.tail_x: list[Tensor] = []  # this step's contributions on the subset (float64)
         self.tail_prev_var: Tensor | None = None  # per-contribution variance on the subset from the previous step
+        # Per-step caches, dropped by NoiseStats.reset(): A_{t−1} does not change between the micro-batches of a
+        # step, so (v, 1/sqrt(bc2), eps, backend, dtype) is looked up once per step instead of once per backward.
+        self.precond: tuple[Any, ...] | None = None
+        self.omega: tuple[int, int, Tensor] | None = None  # (step, d, Ω) of the lowrank sketch, this step only
+
+    # The autograd node and hook handle belong to this process's graph: not pickled; NoiseStats.__setstate__
+    # registers a fresh hook on the (copied) parameter.
+    _TRANSIENT = ("__weakref__", "handle", "acc_node", "precond", "omega")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k, None) for k in self.__slots__ if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k in self.__slots__:
+            if k != "__weakref__":
+                setattr(self, k, state.get(k))
+        self.tail_x = list(self.tail_x or [])
+        self.count = int(self.count or 0)
 
 
 class NoiseStats:
@@ -273,6 +382,11 @@ class NoiseStats:
         self.process_group = process_group
         self.seed = int(seed)
         self.slots: dict[int, _ParamSlot] = {}
+        self._backend_cache: dict[tuple[torch.device, torch.dtype], str] = {}
+        #: keep the lowrank test matrix Ω of each tensor from its first contribution of a step to the end of that
+        #: step (d×r extra memory during the step, like the sketch; nothing between steps) instead of regenerating
+        #: it for every contribution and again at the step — regeneration dominated the lowrank mode's cost.
+        self.cache_omega = True
         from .ema import NoiseScaleEMA
         from .log import ExposureLog
 
@@ -314,6 +428,153 @@ class NoiseStats:
         for gi, group in enumerate(optimizer.param_groups):
             self.track_group(group, gi)
 
+    # ------------------------------------------------------------------ checkpoint / copy
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Register state_dict hooks that save/restore this engine under ``STATE_KEY`` (idempotent; call it again
+        after unpickling, which drops hooks). For optimizers that do not handle the key themselves (pnekern.AdamW
+        does, in its state_dict/load_state_dict, and registers no hook)."""
+        hooks = getattr(optimizer, "_optimizer_state_dict_post_hooks", None)
+        if hooks is None:
+            return
+        if any(isinstance(h, _StatsStateDictPost) and h.engine is self for h in hooks.values()):
+            return
+        optimizer.register_state_dict_post_hook(_StatsStateDictPost(self))
+        optimizer.register_load_state_dict_pre_hook(_StatsLoadPre(self))
+        optimizer.register_load_state_dict_post_hook(_StatsLoadPost(self))
+
+    def invalidate_caches(self) -> None:
+        """Forget the per-step preconditioner / Ω caches (the optimizer's state tensors were replaced)."""
+        for slot in self.slots.values():
+            slot.precond = None
+            slot.omega = None
+
+    def _flat_params(self) -> list[Tensor]:
+        opt = self.optimizer
+        if opt is None:
+            return [s.param for s in self.slots.values()]
+        return [p for g in opt.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue with identical statistics (SPEC §2–§3 state).
+
+        Counters and integrals (``step_count``, P-NE, held exposure), the noise-scale EMAs with their debias
+        weights, curvature carry-over, κ calibration (MSD ring buffer and sums), the tail-index pool and, per
+        parameter (keyed by its index in param_groups order, like torch's ``state``), the coordinate subsets and
+        the previous step's variance. Not included: the exposure history (``optimizer.exposure``; save it with
+        ``to_jsonl``), contributions of a step in progress, and the lowrank Ω (regenerated from seed and step).
+        Tensors are references, as in torch's ``state_dict``; only tensors, numbers, strings, lists and dicts,
+        so ``torch.load(weights_only=True)`` reads it.
+        """
+        per_param: dict[int, dict[str, Any]] = {}
+        for idx, p in enumerate(self._flat_params()):
+            slot = self.slots.get(id(p))
+            if slot is None:
+                continue
+            entry = {k: getattr(slot, k) for k in ("cal_idx", "tail_idx", "tail_prev_var") if getattr(slot, k) is not None}
+            if entry:
+                per_param[idx] = entry
+        est = self.calibration_estimate
+        return {
+            "version": 1,
+            "mode": self.mode,
+            "seed": self.seed,
+            "step_count": self.step_count,
+            "pne": self.pne,
+            "last_diffusion": self.last_diffusion,
+            "last_temperature": self.last_temperature,
+            "curvature": self.curvature,
+            "curvature_step": self.curvature_step,
+            "calibrated_kappa": self.calibrated_kappa,
+            "calibration_estimate": None if est is None else dict(vars(est)),
+            "calibrator": None if self.calibrator is None else self.calibrator.state_dict(),
+            "gns": self.gns.state_dict(),
+            "tail": {"pool": self._tail_pool, "pos": self._tail_pos, "filled": self._tail_filled},
+            "warned_single": self._warned_single,
+            "per_param": per_param,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors copied to this engine's devices; the optimizer's settings — mode,
+        seed, rank, κ convention — stay as constructed). Contributions already captured this step are kept."""
+        if not isinstance(state, dict) or "step_count" not in state:
+            raise ValueError(f"{STATE_KEY}: not a statistics engine state (missing 'step_count')")
+        flat = self._flat_params()
+        first = next(iter(self.slots.values()), None)
+        device = first.param.device if first is not None else torch.device("cpu")
+
+        def own(t: Any, dev: torch.device = device) -> Any:
+            # A copy: loading from a live optimizer's state_dict must not alias its in-place-updated buffers.
+            return t.detach().to(device=dev, copy=True) if isinstance(t, Tensor) else t
+
+        self.step_count = int(state["step_count"])
+        self.pne = own(state.get("pne"))
+        self.last_diffusion = own(state.get("last_diffusion"))
+        self.last_temperature = own(state.get("last_temperature"))
+        self.curvature = own(state.get("curvature"))
+        self.curvature_step = state.get("curvature_step")
+        ck = state.get("calibrated_kappa")
+        self.calibrated_kappa = None if ck is None else float(ck)
+        est = state.get("calibration_estimate")
+        if est is not None:
+            from .kappa import KappaEstimate
+
+            self.calibration_estimate = KappaEstimate(**est)
+        else:
+            self.calibration_estimate = None
+        if self.calibrator is not None and state.get("calibrator") is not None:
+            self.calibrator.load_state_dict(state["calibrator"], device=device)
+        if state.get("gns") is not None:
+            self.gns.load_state_dict(state["gns"], device=device)
+        tail = state.get("tail")
+        if tail is not None and self.tail_coords:
+            pool = tail["pool"]
+            if pool.numel() not in (0, self._tail_pool_size):
+                raise ValueError(
+                    f"{STATE_KEY}: the saved tail-index pool holds {pool.numel()} samples, this engine's holds "
+                    f"{self._tail_pool_size}"
+                )
+            self._tail_pool = own(pool)
+            self._tail_pos = int(tail["pos"])
+            self._tail_filled = int(tail["filled"])
+        self._warned_single = bool(state.get("warned_single", self._warned_single))
+        saved = state.get("per_param") or {}
+        for idx, p in enumerate(flat):
+            slot = self.slots.get(id(p))
+            if slot is None:
+                continue
+            entry = saved.get(idx, saved.get(str(idx)))  # JSON-style string keys too
+            entry = entry or {}
+            slot.cal_idx = own(entry.get("cal_idx"), p.device) if self.calibrator is not None else slot.cal_idx
+            if self.tail_coords:
+                slot.tail_idx = own(entry.get("tail_idx"), p.device)
+                slot.tail_prev_var = own(entry.get("tail_prev_var"), p.device)
+            slot.precond = None  # torch's load replaced the optimizer's state tensors
+            slot.omega = None
+        self.last = None
+        self.covariances = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Strong references inside the pickle (the copy's optimizer is in the same pickle/memo); weak again when
+        # loaded. Slots are re-keyed by the copied parameters' ids and re-hooked in __setstate__.
+        state["_optimizer_ref"] = self.optimizer
+        state["slots"] = list(self.slots.values())
+        state["_backend_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        slots = state.pop("slots")
+        optimizer = state.pop("_optimizer_ref")
+        self.__dict__.update(state)
+        self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
+        self._backend_cache = {}
+        self.slots = {}
+        for slot in slots:
+            self.slots[id(slot.param)] = slot
+            if slot.param.requires_grad:
+                self._hook_slot(slot)
+        _ENGINES.add(self)
+
     # ------------------------------------------------------------------ hooks
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -328,15 +589,19 @@ class NoiseStats:
                 continue
             name = names[pi] if names is not None else f"group{gi}.param{pi}"
             slot = _ParamSlot(p, name, len(self.slots))
-            # Hook the parameter's AccumulateGrad node rather than the tensor: it runs only when a backward()
-            # accumulates into p.grad, so torch.autograd.grad calls (curvature probes, gradient penalties, our own
-            # brute-force tests) are not mistaken for micro-batch contributions. A tied parameter's uses are
-            # summed by autograd before this node runs: one contribution per backward.
-            with torch.enable_grad():
-                node = p.view_as(p).grad_fn.next_functions[0][0]
-            slot.acc_node = node  # keep the node alive so the hook stays attached
-            slot.handle = node.register_prehook(self._make_hook(slot))
+            self._hook_slot(slot)
             self.slots[id(p)] = slot
+
+    def _hook_slot(self, slot: _ParamSlot) -> None:
+        # Hook the parameter's AccumulateGrad node rather than the tensor: it runs only when a backward()
+        # accumulates into p.grad, so torch.autograd.grad calls (curvature probes, gradient penalties, our own
+        # brute-force tests) are not mistaken for micro-batch contributions. A tied parameter's uses are
+        # summed by autograd before this node runs: one contribution per backward.
+        p = slot.param
+        with torch.enable_grad():
+            node = p.view_as(p).grad_fn.next_functions[0][0]
+        slot.acc_node = node  # keep the node alive so the hook stays attached
+        slot.handle = node.register_prehook(self._make_hook(slot))
 
     def remove_hooks(self) -> None:
         for slot in self.slots.values():
@@ -362,26 +627,38 @@ class NoiseStats:
         """Whether the coming step computes statistics (every ``stats_every``-th step, and the first)."""
         return self.step_count % self.stats_every == 0
 
-    @torch.no_grad()
     def _capture(self, slot: _ParamSlot, x: Tensor) -> None:
-        if not self.measuring_this_step():
+        # The hot path: runs once per parameter per backward. Autograd runs hooks with grad mode off unless the
+        # backward builds a graph (create_graph=True); only then is a no_grad context worth its ~1 µs.
+        if self.step_count % self.stats_every:  # measuring_this_step(), inlined
             return
         if x.is_sparse:
             return  # the optimizer rejects sparse gradients at step time with a clear error
-        p = slot.param
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._capture_impl(slot, x)
+        else:
+            self._capture_impl(slot, x)
+
+    def _capture_impl(self, slot: _ParamSlot, x: Tensor) -> None:
         if x.is_complex():
             x = torch.view_as_real(x)
-        v, inv_sqrt_bc2, eps = self.precond(p)
-        if v is not None and v.is_complex():
-            v = torch.view_as_real(v)
+        pre = slot.precond
+        if pre is None or pre[4] is not x.dtype:
+            # First contribution of this step: A_{t−1} and the kernel choice are fixed until the step.
+            v, inv_sqrt_bc2, eps = self.precond(slot.param)
+            if v is not None and v.is_complex():
+                v = torch.view_as_real(v)
+            backend = self._backend_for(x.device, x.dtype)
+            pre = slot.precond = (v, inv_sqrt_bc2, eps, backend, x.dtype)
+        v, inv_sqrt_bc2, eps, backend, _ = pre
         sumsq = None
-        if self.mode in ("diag", "lowrank"):
-            if slot.sumsq is None or slot.sumsq.shape != x.shape:
+        if self.mode != "trace":
+            sumsq = slot.sumsq
+            if sumsq is None or sumsq.shape != x.shape:
                 # fp32 like the kernels' math; float64 parameters keep float64 (the reference path handles them).
                 qdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-                slot.sumsq = torch.zeros(x.shape, dtype=qdtype, device=x.device)
-            sumsq = slot.sumsq
-        backend = ops.resolve_backend(self.backend, x.device, x.dtype) if self.backend != "reference" else "reference"
+                sumsq = slot.sumsq = torch.zeros(x.shape, dtype=qdtype, device=x.device)
         ops.microbatch_accumulate_(backend, slot.acc, x, v, inv_sqrt_bc2, eps, 1.0, sumsq)
         if self.calibrator is not None:
             self._capture_calibration(slot, x, v, inv_sqrt_bc2, eps)
@@ -398,6 +675,16 @@ class NoiseStats:
                 slot.tail_idx = self._subset(slot, flat_x.numel(), flat_x.device, self.tail_coords, salt=11)
             slot.tail_x.append(flat_x.index_select(0, slot.tail_idx).to(torch.float64))
         slot.count += 1
+
+    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> str:
+        """ops.resolve_backend, memoized per (device, dtype) (it only depends on them and the build)."""
+        if self.backend == "reference":
+            return "reference"
+        key = (device, dtype)
+        backend = self._backend_cache.get(key)
+        if backend is None:
+            backend = self._backend_cache[key] = ops.resolve_backend(self.backend, device, dtype)
+        return backend
 
     def _subset(self, slot: _ParamSlot, numel: int, device: torch.device, coords: int, salt: int = 0) -> Tensor:
         """A fixed random coordinate subset of this tensor, its share of ``coords`` proportional to its size."""
@@ -510,24 +797,39 @@ class NoiseStats:
                 self.calibrated_kappa = float(est.kappa)
 
     def _omega(self, slot: _ParamSlot, d: int, device: torch.device) -> Tensor:
-        # Ω is regenerated from (seed, step, tensor index) instead of stored: same Ω for every contribution of
-        # a step, fresh across steps, d×r memory only transiently.
+        # Ω is regenerated from (seed, step, tensor index) instead of stored across steps: same Ω for every
+        # contribution of a step, fresh across steps. Within a step it is kept on the slot (cache_omega).
+        cached = slot.omega
+        if cached is not None and cached[0] == self.step_count and cached[1] == d and cached[2].device == device:
+            return cached[2]
         r = min(self.rank, d)
         g = torch.Generator(device=device)
         g.manual_seed((self.seed * 1_000_003 + self.step_count * 7919 + slot.index) & 0x7FFF_FFFF_FFFF_FFFF)
-        return torch.randn(d, r, generator=g, device=device, dtype=torch.float32)
+        omega = torch.randn(d, r, generator=g, device=device, dtype=torch.float32)
+        if self.cache_omega:
+            slot.omega = (self.step_count, d, omega)
+        return omega
 
     def reset(self) -> None:
         """Drop this step's accumulated contributions (called after each step and by zero_grad)."""
+        accs: list[Tensor] = []
+        bufs: list[Tensor] = []
         for slot in self.slots.values():
             if slot.count:
-                slot.acc.zero_()
+                accs.append(slot.acc)
                 slot.count = 0
                 if slot.sumsq is not None:
-                    slot.sumsq.zero_()
+                    bufs.append(slot.sumsq)
                 if slot.sketch is not None:
-                    slot.sketch.zero_()
+                    bufs.append(slot.sketch)
             slot.tail_x = []
+            slot.precond = None
+            slot.omega = None
+        # One multi-tensor call per kind instead of one zero_() per parameter.
+        if accs:
+            torch._foreach_zero_(accs)
+        if bufs:
+            torch._foreach_zero_(bufs)
 
     # ------------------------------------------------------------------ step
     def sumsq_buffer(self, p: Tensor) -> Tensor | None:
@@ -612,10 +914,19 @@ class NoiseStats:
             self.reset()
             return None
         device = slots[0].acc.device
-        table = torch.stack([
-            torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), rows[id(s.param)].to(device)])
-            for s in slots
-        ])  # [P, 7]
+        row_list = [rows[id(s.param)] for s in slots]
+        if all(s.acc.device == device for s in slots) and all(r.device == device and r.dtype == torch.float64 for r in row_list):
+            # One stack per column block instead of three small ops per parameter (same values).
+            table = torch.cat([
+                torch.stack([s.acc for s in slots]),
+                torch.tensor(counts, dtype=torch.float64, device=device).unsqueeze(1),
+                torch.stack(row_list),
+            ], dim=1)  # [P, 7]
+        else:
+            table = torch.stack([
+                torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), r.to(device)])
+                for s, r in zip(slots, row_list)
+            ])  # [P, 7]
         if world > 1:
             import torch.distributed as dist
 
@@ -697,17 +1008,20 @@ class NoiseStats:
         self.pne = d_add.clone() if self.pne is None else self.pne + d_add
         self.last_diffusion = d_add
         self.last_temperature = torch.nan_to_num(temperature, nan=0.0)
-        per_param: dict[str, dict[str, Any]] = {}
+        # Per-parameter breakdown: one [P, 5] table, each row's 0-dim tensors created only when read (building
+        # 5P views per step, and packing them into the log, cost more than the rest of finish_step together).
+        table_pp = _PerParamTable(torch.stack([tr, tr_a, g2, temp_p, diff_p], dim=1))
+        per_param: dict[str, Any] = {}
         for i, s in enumerate(slots):
-            per_param[s.name] = {
+            per_param[s.name] = _LazyRow(table_pp, i, {
                 "num_contributions": counts[i] * world,
-                "trace_noise": tr[i],
-                "trace_precond_noise": tr_a[i],
-                "grad_norm_sq": g2[i],
-                "temperature": temp_p[i],
-                "diffusion": diff_p[i],
+                "trace_noise": _LAZY,
+                "trace_precond_noise": _LAZY,
+                "grad_norm_sq": _LAZY,
+                "temperature": _LAZY,
+                "diffusion": _LAZY,
                 "lr": lrs[id(s.param)],
-            }
+            })
         if self.mode == "lowrank":
             self._lowrank_factors(slots, table, world)
         if self.tail_coords:
@@ -792,6 +1106,39 @@ class NoiseStats:
             return self._omega(slot, d, device)
         finally:
             self.step_count += 1
+
+
+class _StatsStateDictPost:
+    """state_dict post-hook adding the engine state (a class, not a closure, so optimizers stay picklable)."""
+
+    def __init__(self, engine: NoiseStats) -> None:
+        self.engine = engine
+
+    def __call__(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict[STATE_KEY] = self.engine.state_dict()
+        return state_dict
+
+
+class _StatsLoadPre:
+    def __init__(self, engine: NoiseStats) -> None:
+        self.engine = engine
+
+    def __call__(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # torch passes a shallow copy: popping here does not touch the caller's dict.
+        self.engine._pending_state = state_dict.pop(STATE_KEY, None)
+        return state_dict
+
+
+class _StatsLoadPost:
+    def __init__(self, engine: NoiseStats) -> None:
+        self.engine = engine
+
+    def __call__(self, optimizer: Any) -> None:
+        pending = self.engine.__dict__.pop("_pending_state", None)
+        if pending is not None:
+            self.engine.load_state_dict(pending)
+        else:
+            self.engine.invalidate_caches()  # the optimizer's state tensors were replaced
 
 
 def nystrom(y: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:

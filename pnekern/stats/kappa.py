@@ -154,6 +154,34 @@ class KappaCalibrator:
         self.num_obs += 1
         self._last_step = step
 
+    _TENSORS = ("_ring", "_msd_sum", "_dwin_sum", "_ring_cumd", "_cumd", "_dsum")
+    _LISTS = ("_ring_step", "_ring_logc", "_counts", "_heff_sum", "_hlin2_sum")
+    _SCALARS = ("_logc", "warmup", "_seen", "num_obs", "_last_step")
+
+    def state_dict(self) -> dict:
+        """The ring buffer, per-lag sums and counters (tensors by reference; lists copied)."""
+        out: dict = {"lags": list(self.lags), "h_max": self.h_max, "drift": self.drift}
+        out.update({k.lstrip("_"): getattr(self, k) for k in self._TENSORS + self._SCALARS})
+        out.update({k.lstrip("_"): list(getattr(self, k)) for k in self._LISTS})
+        return out
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore :meth:`state_dict` (tensors copied, to ``device`` when given); the lag grid must match."""
+        if list(state["lags"]) != self.lags or int(state["h_max"]) != self.h_max:
+            raise ValueError(
+                f"KappaCalibrator: saved lags {list(state['lags'])} (h_max {state['h_max']}) do not match this "
+                f"calibrator's {self.lags} (h_max {self.h_max})"
+            )
+        self.drift = bool(state["drift"])
+        for k in self._TENSORS:
+            t = state[k.lstrip("_")]
+            setattr(self, k, None if t is None else t.detach().to(device=device if device is not None else t.device, copy=True))
+        for k in self._LISTS:
+            setattr(self, k, list(state[k.lstrip("_")]))
+        self._logc = float(state["logc"])
+        for k in ("warmup", "_seen", "num_obs", "_last_step"):
+            setattr(self, k, int(state[k.lstrip("_")]))
+
     def estimate(self) -> KappaEstimate:
         """Fit MSD(h) and return κ̂ (one host transfer)."""
         nan = math.nan

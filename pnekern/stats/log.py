@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .engine import _LazyRow
+
 __all__ = ["ExposureLog", "SCALAR_FIELDS"]
 
 #: numeric per-step fields (units: see pnekern.stats.StepStats and the README)
@@ -38,10 +40,21 @@ class _Packed:
 
     __slots__ = ("host", "event", "layout")
 
-    def __init__(self, tensors: list[Tensor], layout: list[tuple[int, str, str | None]]) -> None:
-        self.layout = layout  # (record offset in chunk, key, per-param name or None)
-        dev = tensors[0].device
-        flat = torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors])
+    def __init__(self, tensors: list[Tensor], layout: list[tuple[int, int, str, str | None]],
+                 tables: list[Tensor] = ()) -> None:
+        # layout: (position in the packed vector, record offset in chunk, key, per-param name or None); positions
+        # past len(tensors) index into the flattened per-parameter tables that follow the scalars.
+        self.layout = layout
+        f64 = torch.float64
+        parts = []
+        if tensors:
+            if all(t.dtype is f64 and t.dim() == 0 and not t.requires_grad for t in tensors):
+                parts.append(torch.stack(tensors))  # the usual case: skip three no-op conversions per value
+            else:
+                parts.append(torch.stack([t.detach().reshape(()).to(f64) for t in tensors]))
+        parts.extend(m.detach().reshape(-1).to(f64) for m in tables)
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        dev = flat.device
         self.event = None
         if dev.type == "cuda":
             self.host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
@@ -98,7 +111,16 @@ class ExposureLog:
     def _pack(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        by_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, str, str | None]]]] = {}
+        # per device: scalar tensors, their (record, key, name), per-parameter tables, their entries
+        by_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, str, str | None]], dict[int, tuple[Tensor, int]],
+                                            list[tuple[int, int, int, str, str]]]] = {}
+
+        def bucket(dev: torch.device) -> tuple[Any, ...]:
+            b = by_device.get(dev)
+            if b is None:
+                b = by_device[dev] = ([], [], {}, [])
+            return b
+
         skeletons = []
         for i, rec in enumerate(records):
             skel: dict[str, Any] = {}
@@ -106,7 +128,7 @@ class ExposureLog:
                 if k == "per_param":
                     continue
                 if _is_tensor(v):
-                    ts, lay = by_device.setdefault(v.device, ([], []))
+                    ts, lay, _, _ = bucket(v.device)
                     ts.append(v)
                     lay.append((i, k, None))
                     skel[k] = None
@@ -116,18 +138,44 @@ class ExposureLog:
             if self.keep_per_param:
                 for name, d in (rec.get("per_param") or {}).items():
                     row: dict[str, Any] = {}
-                    for k, v in d.items():
+                    if isinstance(d, _LazyRow):
+                        # Columns still in the step's [P, C] table travel as the whole table: one tensor per record.
+                        table, r, done, pending = d.lazy_items()
+                        items = done
+                        if pending:
+                            m = table.matrix
+                            _, _, tabs, tlay = bucket(m.device)
+                            tabs.setdefault(id(table), (m, len(tabs)))
+                            ncol = m.shape[1]
+                            for k, c in pending:
+                                tlay.append((id(table), r * ncol + c, i, k, name))
+                                row[k] = None
+                        # keep the key order of the record
+                        order = list(d._data)
+                    else:
+                        items = list(d.items())
+                        order = None
+                    for k, v in items:
                         if _is_tensor(v):
-                            ts, lay = by_device.setdefault(v.device, ([], []))
+                            ts, lay, _, _ = bucket(v.device)
                             ts.append(v)
                             lay.append((i, k, name))
                             row[k] = None
                         else:
                             row[k] = v
-                    pp_out[name] = row
+                    pp_out[name] = row if order is None else {k: row[k] for k in order}
             skel["per_param"] = pp_out
             skeletons.append(skel)
-        packs = [_Packed(ts, lay) for ts, lay in by_device.values()]
+        packs = []
+        for ts, lay, tabs, tlay in by_device.values():
+            layout = [(pos, i, k, name) for pos, (i, k, name) in enumerate(lay)]
+            offsets, mats, off = {}, [], len(ts)
+            for tid, (m, _) in tabs.items():
+                offsets[tid] = off
+                mats.append(m)
+                off += m.numel()
+            layout.extend((offsets[tid] + e, i, k, name) for tid, e, i, k, name in tlay)
+            packs.append(_Packed(ts, layout, mats))
         self._inflight.append((skeletons, packs))  # type: ignore[arg-type]
         if self.tensorboard is not None and len(self._inflight) > 1:
             # Decode the previous chunk: its copy has had a whole chunk of steps to complete.
@@ -138,7 +186,9 @@ class ExposureLog:
         n = len(self._inflight) - keep_last
         for skeletons, packs in self._inflight[:n]:
             for pack in packs:  # type: ignore[union-attr]
-                for (i, key, name), val in zip(pack.layout, pack.values()):
+                vals = pack.values()
+                for pos, i, key, name in pack.layout:
+                    val = vals[pos]
                     if key == "skipped":
                         val = bool(val)
                     if name is None:
