@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", nargs="+", default=["flat", "mixed100", "transformer"],
                    help="flat | mixed100 | transformer | tiny (default flat mixed100 transformer)")
     p.add_argument("--sections", nargs="+", default=["step", "stats"],
-                   help="step | stats | train | noise (default step stats)")
+                   help="step | stats | train (default step stats)")
     p.add_argument("--torch", nargs="+", default=["forloop", "foreach", "fused"],
                    help="torch.optim.AdamW variants: forloop foreach fused (default all)")
     p.add_argument("--backends", nargs="+", default=None,
