@@ -174,25 +174,113 @@ AdamWHyper make_hyper(double lr, double beta1, double beta2, double weight_decay
   return h;
 }
 
+// The in-step noise arguments (SPEC §5; AdamWHyper documents the math). Per tensor i: noise_var[i] is fp32 with
+// 0 elements (no noise for this tensor), 1 (isotropic δ) or numel (per-element δ); noise_basis[i] is fp32 [numel, k]
+// (0 elements: no low-rank part) with noise_coef[i] fp32 [k]; noise_tensor_idx[i] is the Philox tensor word.
+// noise_scale (optional, one element) is the controller scale c: ε is multiplied by fp32 sqrt(c).
+struct NoiseArgs {
+  int64_t mode;
+  int64_t seed;
+  int64_t counter;
+  double param_coef;
+  const std::optional<at::Tensor>& scale;
+  at::IntArrayRef tensor_idx;
+  at::TensorList var;
+  at::TensorList basis;
+  at::TensorList coef;
+};
+
+void apply_noise(const NoiseArgs& a, at::TensorList params, AdamWCall& call, AdamWHyper& h) {
+  constexpr const char* op = "adamw_step_";
+  TORCH_CHECK(a.mode >= kNoiseOff && a.mode <= kNoiseParam, op, ": noise_mode must be 0 (off), 1 (into_v), ",
+              "2 (outside_v) or 3 (param), got ", a.mode);
+  if (a.mode == kNoiseOff) return;
+  const size_t n = params.size();
+  TORCH_CHECK(a.tensor_idx.size() == n, op, ": noise needs one noise_tensor_idx per param: got ", n, " params but ",
+              a.tensor_idx.size());
+  TORCH_CHECK(a.var.size() == n, op, ": noise needs one noise_var per param (0 elements: none): got ", n,
+              " params but ", a.var.size());
+  TORCH_CHECK(a.basis.empty() || a.basis.size() == n, op, ": noise_basis must be empty or one per param: got ", n,
+              " params but ", a.basis.size());
+  TORCH_CHECK(a.coef.size() == a.basis.size(), op, ": noise_coef must match noise_basis: got ", a.basis.size(),
+              " bases but ", a.coef.size(), " coefficient vectors");
+  h.noise_mode = static_cast<int>(a.mode);
+  h.noise_seed = static_cast<uint64_t>(a.seed);
+  h.noise_counter = static_cast<uint32_t>(a.counter);
+  h.noise_param_coef = a.param_coef;
+  if (a.scale.has_value()) {
+    TORCH_CHECK(a.scale->numel() == 1, op, ": noise_scale must have exactly one element, got ", a.scale->numel());
+    const float c = a.scale->item<float>();
+    h.noise_has_mult = true;
+    h.noise_mult = std::sqrt(c);  // fp32 sqrt of the fp32 scale, as torch's scale.float().sqrt()
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& v = a.var[i];
+    const int64_t d = params[i].numel();
+    TORCH_CHECK(v.defined() && v.scalar_type() == at::kFloat && v.is_contiguous() && v.device() == params[i].device(),
+                op, ": noise_var[", i, "] must be a contiguous float32 tensor on the params' device");
+    TORCH_CHECK(v.numel() == 0 || v.numel() == 1 || v.numel() == d, op, ": noise_var[", i, "] has ", v.numel(),
+                " elements; expected 0 (no noise), 1 (isotropic) or ", d);
+    if (i < call.tensors.size() && v.numel() > 0) {
+      AdamWTensor& t = call.tensors[i];
+      t.noise_on = true;
+      t.noise_tensor_idx = static_cast<uint32_t>(a.tensor_idx[i]);
+      if (v.numel() == d && d != 1) {
+        t.noise_var = v.data_ptr<float>();
+      } else {
+        const float delta = v.data_ptr<float>()[0];
+        t.noise_sd = std::sqrt(delta < 0.0f ? 0.0f : delta);
+      }
+    }
+    if (a.basis.empty()) continue;
+    const at::Tensor& u = a.basis[i];
+    const at::Tensor& c = a.coef[i];
+    if (u.numel() == 0) continue;
+    TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 2 && u.size(0) == d &&
+                    u.device() == params[i].device(),
+                op, ": noise_basis[", i, "] must be a contiguous float32 [", d, ", k] tensor, got ", u.scalar_type(),
+                " ", u.sizes());
+    TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.numel() == u.size(1) &&
+                    c.device() == params[i].device(),
+                op, ": noise_coef[", i, "] must be a contiguous float32 tensor with ", u.size(1), " elements");
+    TORCH_CHECK(v.numel() > 0, op, ": noise_basis[", i, "] is given but noise_var[", i, "] is empty (pass a ",
+                "zero variance for a purely low-rank noise)");
+    if (i < call.tensors.size()) {
+      AdamWTensor& t = call.tensors[i];
+      t.noise_basis = u.data_ptr<float>();
+      t.noise_coef = c.data_ptr<float>();
+      t.noise_rank = u.size(1);
+    }
+  }
+}
+
 void adamw_step_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                          double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                          bool maximize, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, at::TensorList sumsq_bufs,
-                         const std::optional<at::Tensor>& stats_out) {
+                         const std::optional<at::Tensor>& stats_out, int64_t noise_mode, int64_t noise_seed,
+                         int64_t noise_counter, double noise_param_coef, const std::optional<at::Tensor>& noise_scale,
+                         at::IntArrayRef noise_tensor_idx, std::optional<at::TensorList> noise_var,
+                         std::optional<at::TensorList> noise_basis, std::optional<at::TensorList> noise_coef) {
   for (size_t i = 0; i < params.size(); ++i)
     TORCH_CHECK(!params[i].defined() || params[i].device().is_cpu(), "adamw_step_: params[", i,
                 "] must be a CPU tensor for the CPU kernel, got ", params[i].device());
   AdamWCall call = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                                  grad_scale, found_inf, sumsq_bufs, stats_out);
   double* stats = stats_out.has_value() ? stats_out->data_ptr<double>() : nullptr;
+  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
+  // Validated (and raising) before anything but the skipped-step bookkeeping happens; a found_inf step ignores it.
+  apply_noise(NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
+                        noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
+                        noise_coef.value_or(at::TensorList())},
+              params, call, hyper);
   if (call.skip) {
     if (stats_out.has_value()) stats_out->zero_();
     return;
   }
   const float scale = call.grad_scale.value_or(1.0f);
-  adamw_step_cpu(call.dtype, call.tensors.data(), static_cast<int64_t>(call.tensors.size()),
-                 make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize),
+  adamw_step_cpu(call.dtype, call.tensors.data(), static_cast<int64_t>(call.tensors.size()), hyper,
                  call.grad_scale.has_value() ? &scale : nullptr, /*found_inf=*/nullptr, stats,
                  at::get_num_threads());
 }
@@ -238,7 +326,11 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
                           double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                           bool maximize, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, at::TensorList sumsq_bufs,
-                          const std::optional<at::Tensor>& stats_out) {
+                          const std::optional<at::Tensor>& stats_out, int64_t noise_mode, int64_t, int64_t, double,
+                          const std::optional<at::Tensor>&, at::IntArrayRef, std::optional<at::TensorList>,
+                          std::optional<at::TensorList>, std::optional<at::TensorList>) {
+  TORCH_CHECK(noise_mode == 0, "adamw_step_: in-step noise is not implemented in the CUDA kernel yet; use the ",
+              "Triton backend (backend='triton') or noise drawn outside the step");
   for (size_t i = 0; i < params.size(); ++i)
     TORCH_CHECK(!params[i].defined() || params[i].is_cuda(), "adamw_step_: params[", i,
                 "] must be a CUDA tensor for the CUDA kernel, got ", params[i].device());
@@ -270,7 +362,9 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
 // let torch.compile / FakeTensor trace through calls without running a kernel.
 void adamw_step_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                      double, double, double, double, double, bool, bool, const std::optional<at::Tensor>&,
-                     const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&) {}
+                     const std::optional<at::Tensor>&, at::TensorList, const std::optional<at::Tensor>&, int64_t,
+                     int64_t, int64_t, double, const std::optional<at::Tensor>&, at::IntArrayRef,
+                     std::optional<at::TensorList>, std::optional<at::TensorList>, std::optional<at::TensorList>) {}
 
 void microbatch_accumulate_meta(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
                                 double, const std::optional<at::Tensor>&) {}
@@ -283,7 +377,9 @@ TORCH_LIBRARY(pnekern, m) {
       "adamw_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "Tensor[] sumsq_bufs, Tensor(g!)? stats_out) -> ()");
+      "Tensor[] sumsq_bufs, Tensor(g!)? stats_out, int noise_mode=0, int noise_seed=0, int noise_counter=0, "
+      "float noise_param_coef=0., Tensor? noise_scale=None, int[] noise_tensor_idx=[], Tensor[]? noise_var=None, "
+      "Tensor[]? noise_basis=None, Tensor[]? noise_coef=None) -> ()");
   m.def(
       "microbatch_accumulate_(Tensor(a!) acc, Tensor x, Tensor? v, float inv_sqrt_bc2, float eps, float scale, "
       "Tensor(b!)? sumsq) -> ()");

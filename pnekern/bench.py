@@ -10,11 +10,16 @@ so slow drifts of a shared machine hit all of them alike):
   which is where the statistics hooks capture) + the step + ``zero_grad``: torch fused vs pnekern with
   stats off/trace/diag(/lowrank). ``overhead_vs_step`` = (t_mode − t_off) / t_step(off): what the statistics add
   to the bare step.
+* ``noise``    — the fused step op (``pnekern.ops.adamw_step_``, gradients given, statistics off) without noise and
+  with in-step gradient-space noise (into v): ``noise_diag`` (per-element δ, one extra fp32 read) and
+  ``noise_lowrank4`` (δ + a rank-4 basis U [d, 4] + c [4]); ``ratio_to_off`` = the paired per-round ratio to
+  ``noise_off`` of the same backend (the ≤ 1.15 target of the in-step noise). ε is generated per element from the
+  Philox stream inside the kernel (no ε tensor).
 * ``train``    — a full training step (forward + backward of K micro-batches + step) of a small GPT-style
   regression transformer (the demo's model family): torch fused vs pnekern stats off/trace/diag.
 
 Bytes moved (fp32, per parameter; DRAM traffic, counting the line a pure write allocates):
-    step 28 (read p, g, m, v; write p, m, v) · copy 12 (read b, write+allocate a) · triad 16 (read b, c; write+allocate a)
+    step 28 (read p, g, m, v; write p, m, v) · noise +4 (δ) or +20 (δ, U r=4) · copy 12 (read b, write+allocate a) · triad 16 (read b, c; write+allocate a)
     stats section, K micro-batches: accumulation 8 + 12(K−1) (autograd copies the first gradient, adds the rest)
     + capture K·8 (trace: read x, v) or K·16 + 4 (diag: read x, v, read+write Σx², zeroed once) + step 28 (+4 diag).
 GB/s = bytes / median time; ``frac_of_triad`` = GB/s / the triad's GB/s at the same size and thread count.
@@ -51,7 +56,7 @@ __all__ = [
 
 SCHEMA = "pnekern.bench/1"
 LAYOUTS = ("flat", "mixed100", "transformer", "tiny")
-SECTIONS = ("step", "stats", "train")
+SECTIONS = ("step", "stats", "train", "noise")
 STATS_CHOICES = ("off", "trace", "diag", "lowrank")
 TORCH_IMPLS = ("forloop", "foreach", "fused")
 PNEKERN_BACKENDS = ("cpp", "triton", "cuda", "reference")
@@ -204,6 +209,8 @@ def bytes_per_param(section: str, stats: str = "off", micro_batches: int = 0, el
         elif stats in ("diag", "lowrank"):
             capture, step = 16 * k + 4, 32  # lowrank: its d×r sketch traffic is not counted
         return (accum + capture + step) * scale
+    if section == "noise":
+        return (BYTES_PER_PARAM_FP32 + {"off": 0, "diag": 4, "lowrank4": 20}[stats]) * scale
     if section == "copy":
         return 12 * scale
     if section == "triad":
@@ -283,7 +290,7 @@ def validate_config(cfg: BenchConfig) -> BenchConfig:
                 raise BenchError(name, f"{v!r} is not one of {', '.join(choices)}")
     if not cfg.sections:
         raise BenchError("--sections", "choose at least one of " + ", ".join(SECTIONS))
-    if any(s in cfg.sections for s in ("step", "stats")) and not cfg.layouts:
+    if any(s in cfg.sections for s in ("step", "stats", "noise")) and not cfg.layouts:
         raise BenchError("--layouts", "choose at least one layout")
     if "fused" in cfg.torch_impls and not _torch_fused_supported(cfg.device):
         raise BenchError("--torch", f"torch {torch.__version__} has no fused AdamW on {cfg.device}")
@@ -320,12 +327,14 @@ def validate_config(cfg: BenchConfig) -> BenchConfig:
 
 def estimate_peak_bytes(cfg: BenchConfig) -> int:
     """Upper estimate of the memory one interleaved group holds at the largest size (fp32)."""
-    n = max(cfg.sizes) if cfg.sizes and ("step" in cfg.sections or "stats" in cfg.sections) else 0
+    n = max(cfg.sizes) if cfg.sizes and any(s in cfg.sections for s in ("step", "stats", "noise")) else 0
     backends = cfg.backends or []
     peak = 0
     if "step" in cfg.sections:
         variants = len(cfg.torch_impls) + len(backends)
         peak = max(peak, n * 4 * (1 + 3 * variants + 1))  # shared grads + (p, m, v) each + source values
+    if "noise" in cfg.sections:
+        peak = max(peak, n * 4 * (1 + 3 * 3 * len(backends) + 1 + 4))  # grads, (p, m, v) × 3 variants, δ, U
     if "stats" in cfg.sections:
         variants = len(backends) * len(cfg.stats) + ("fused" in cfg.torch_impls)
         peak = max(peak, n * 4 * (cfg.micro_batches + 5 * variants + 1))  # K shared grads + (p, g, m, v, q) each
@@ -510,6 +519,61 @@ def _step_group(n: int, layout: str, cfg: BenchConfig, threads: int, triad_gbps:
     return rows
 
 
+NOISE_VARIANTS = ("off", "diag", "lowrank4")
+
+
+def _noise_group(n: int, layout: str, cfg: BenchConfig, threads: int, triad_gbps: float | None) -> list[BenchRow]:
+    from . import ops
+
+    dev = cfg.device
+    src = make_layout(n, layout, device=dev, seed=cfg.seed)
+    (grads,) = shared_grads(src, 1, cfg.seed + 7)
+    g = torch.Generator().manual_seed(cfg.seed + 11)
+    var = [(torch.rand(t.numel(), generator=g) * 1e-4).to(dev) for t in src]
+    basis = [(torch.randn(t.numel(), 4, generator=g) / max(1.0, t.numel()) ** 0.5).to(dev) for t in src]
+    coef = [(torch.randn(4, generator=g) * 1e-2).to(dev) for _ in src]
+    fns: dict[str, Callable[[], Any]] = {}
+    meta: dict[str, tuple[str, str, list[Tensor]]] = {}
+    for bi, backend in enumerate(cfg.backends):
+        for vi, kind in enumerate(NOISE_VARIANTS):
+            off_i = 1000 * (1 + bi * len(NOISE_VARIANTS) + vi)
+            ps = [_offset_empty(t.numel(), off_i + i, t.dtype, dev).copy_(t) for i, t in enumerate(src)]
+            ms = [torch.zeros_like(t) for t in src]
+            vs = [torch.zeros_like(t) for t in src]
+            steps = [torch.tensor(0.0) for _ in src]
+            kw: dict[str, Any] = {}
+            if kind != "off":
+                kw = dict(noise_mode=1, noise_seed=cfg.seed, noise_counter=0, noise_tensor_idx=list(range(len(src))),
+                          noise_var=var)
+                if kind == "lowrank4":
+                    kw.update(noise_basis=basis, noise_coef=coef)
+
+            def fn(backend=backend, ps=ps, ms=ms, vs=vs, steps=steps, kw=kw) -> None:
+                if kw:
+                    kw["noise_counter"] += 1
+                ops.adamw_step_(backend, ps, grads, ms, vs, [], steps, lr=cfg.lr, beta1=0.9, beta2=0.999,
+                                weight_decay=1e-2, eps=1e-8, amsgrad=False, maximize=False, **kw)
+
+            name = f"pnekern_{backend}+noise_{kind}"
+            fns[name] = fn
+            meta[name] = (backend, kind, ps + ms + vs + list(grads) + (var if kind != "off" else [])
+                          + (basis if kind == "lowrank4" else []))
+    samples, inner = time_interleaved(fns, warmup=cfg.warmup, repeat=cfg.repeat, device=dev)
+    rows = []
+    for name, (backend, kind, held) in meta.items():
+        nbytes = sum(t.numel() * t.element_size() for t in held)
+        rows.append(_row("noise", name, "pnekern", backend, kind, layout, n, len(src), threads, 0, samples[name],
+                         inner[name], int(bytes_per_param("noise", kind) * n), nbytes))
+    _finish_group(rows, triad_gbps)
+    by = {r.variant: r for r in rows}
+    for r in rows:
+        off = by.get(f"pnekern_{r.backend}+noise_off")
+        if off is not None:
+            r.ratio_to_off = paired_ratio(r.samples_s, off.samples_s)
+            r.bytes_ratio_to_off = r.bytes_moved / off.bytes_moved
+    return rows
+
+
 def stats_callable(impl: str, which: str, stats: str, src: list[Tensor], contribs: list[list[Tensor]],
                    lr: float = 1e-3, offset_index: int = 0, step_phase: list[float] | None = None,
                    ) -> tuple[Callable[[], Any], torch.optim.Optimizer]:
@@ -647,7 +711,7 @@ def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] | None = No
     rows: list[BenchRow] = []
     for threads_req in cfg.threads or [None]:
         with _num_threads(threads_req) as threads:
-            for n in cfg.sizes if ("step" in cfg.sections or "stats" in cfg.sections) else []:
+            for n in cfg.sizes if any(s in cfg.sections for s in ("step", "stats", "noise")) else []:
                 say(f"threads {threads} · {n:,} params: roofline")
                 roof = _roofline_group(n, cfg, threads)
                 rows += roof
@@ -661,6 +725,9 @@ def run_benchmarks(cfg: BenchConfig, progress: Callable[[str], None] | None = No
                     if "stats" in cfg.sections:
                         say(f"threads {threads} · {n:,} params · {layout}: stats (K={cfg.micro_batches})")
                         rows += _stats_group(n, layout, cfg, threads, triad, step_rows)
+                    if "noise" in cfg.sections:
+                        say(f"threads {threads} · {n:,} params · {layout}: in-step noise off/diag/lowrank4")
+                        rows += _noise_group(n, layout, cfg, threads, triad)
             if "train" in cfg.sections:
                 say(f"threads {threads}: training step (K={cfg.micro_batches})")
                 rows += _train_group(cfg, threads)
@@ -786,6 +853,16 @@ def format_tables(rows: list[BenchRow]) -> str:
                 f"{_fmt(r.step_phase_ratio_to_off, '.3f')} | "
                 f"{_fmt(None if r.memory_bytes is None else r.memory_bytes / 2**20, '.1f')} |"
                 for r in st]
+        out.append("")
+    nz = [r for r in rows if r.section == "noise"]
+    if nz:
+        out += ["**In-step noise** (fused step op, gradient-space noise into v, ε generated per element in the kernel; "
+                "'× off' = median of per-round ratios to the same backend without noise)", "",
+                "| threads | params | layout | tensors | variant | median ms | p10–p90 ms | GB/s | × off | bytes × off |",
+                "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+        out += [f"| {r.threads} | {_size(r.numel)} | {r.layout} | {r.n_tensors} | {r.variant} | {r.median_s * 1e3:.3f} | "
+                f"{r.p10_s * 1e3:.3f}–{r.p90_s * 1e3:.3f} | {_fmt(r.gbps, '.1f')} | {_fmt(r.ratio_to_off, '.3f')} | "
+                f"{_fmt(r.bytes_ratio_to_off)} |" for r in nz]
         out.append("")
     tr = [r for r in rows if r.section == "train"]
     if tr:

@@ -130,24 +130,42 @@ def adamw_step_(
     found_inf: Tensor | None = None,
     sumsq_bufs: Sequence[Tensor] = (),
     stats_out: Tensor | None = None,
+    noise_mode: int = 0,
+    noise_seed: int = 0,
+    noise_counter: int = 0,
+    noise_param_coef: float = 0.0,
+    noise_scale: Tensor | None = None,
+    noise_tensor_idx: Sequence[int] = (),
+    noise_var: Sequence[Tensor] = (),
+    noise_basis: Sequence[Tensor] = (),
+    noise_coef: Sequence[Tensor] = (),
 ) -> None:
-    """Fused multi-tensor AdamW step on an already-resolved ``backend`` (see ``reference.adamw_step_``).
+    """Fused multi-tensor AdamW step on an already-resolved ``backend`` (see ``reference.adamw_step_``), with the
+    optional in-step noise (``noise_*`` arguments, SPEC §5; ``reference.adamw.NOISE_MODES``).
 
     ``lr`` may be a 0-dim tensor for ``triton`` (read on the device); the other backends take it as a float.
+    ``noise_seed`` is a uint64 (passed to the C++ op as int64 two's complement).
     """
+    noise = ()
+    if noise_mode:
+        seed = int(noise_seed) & 0xFFFFFFFFFFFFFFFF
+        seed = seed - (1 << 64) if seed >= (1 << 63) else seed
+        noise = (int(noise_mode), seed, int(noise_counter) & 0xFFFFFFFF, float(noise_param_coef), noise_scale,
+                 [int(i) & 0xFFFFFFFF for i in noise_tensor_idx], list(noise_var), list(noise_basis),
+                 list(noise_coef))
     if backend == "triton":
         from .kernels import adamw_step as _triton_adamw
 
         _triton_adamw.adamw_step_(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
             lr if isinstance(lr, Tensor) else float(lr), float(beta1), float(beta2), float(weight_decay),
-            float(eps), bool(amsgrad), bool(maximize), grad_scale, found_inf, list(sumsq_bufs), stats_out,
+            float(eps), bool(amsgrad), bool(maximize), grad_scale, found_inf, list(sumsq_bufs), stats_out, *noise,
         )
         return
     args = (
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
         float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad), bool(maximize),
-        grad_scale, found_inf, list(sumsq_bufs), stats_out,
+        grad_scale, found_inf, list(sumsq_bufs), stats_out, *noise,
     )
     if backend in ("cpp", "cuda"):  # one operator; the dispatcher picks the CPU or CUDA kernel by device
         torch.ops.pnekern.adamw_step_(*args)

@@ -211,3 +211,20 @@ def test_cuda_request_without_gpu(capsys):
         pytest.skip("a CUDA device is present")
     assert main(["bench", "--device", "cuda", "--sizes", "2000"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_noise_section_pairs_each_variant_with_its_noise_off_row(tmp_path):
+    out = tmp_path / "noise.json"
+    rc = main(["bench", "--sections", "noise", "--sizes", "2000", "--layouts", "flat", "mixed100", "--repeat", "3",
+               "--warmup", "1", "--threads", "1", "--backends", "cpp", "--json", str(out)])
+    assert rc == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["section"] == "noise"]
+    assert {r["variant"] for r in rows} == {f"pnekern_cpp+noise_{k}" for k in bench.NOISE_VARIANTS}
+    for layout in ("flat", "mixed100"):
+        group = {r["variant"]: r for r in rows if r["layout"] == layout}
+        off = group["pnekern_cpp+noise_off"]
+        assert off["ratio_to_off"] == 1.0
+        for r in group.values():
+            want = statistics.median(a / b for a, b in zip(r["samples_s"], off["samples_s"]))
+            assert r["ratio_to_off"] == pytest.approx(want)
+        assert group["pnekern_cpp+noise_diag"]["bytes_moved"] == 32 * 2000

@@ -421,3 +421,100 @@ def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad):
     for level in levels[1:]:
         for i, (a, b) in enumerate(zip(base, results[level])):
             assert torch.equal(a, b), f"{level} differs from {levels[0]} in output {i}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-step noise (SPEC §5): portable polynomial log/cos, so every ISA level and thread count gives the same bits
+
+
+def _noise_args(sizes, gen, mode, rank):
+    var = [torch.rand(n, generator=gen) + 0.1 if i % 2 == 0 else torch.tensor([0.7]) for i, n in enumerate(sizes)]
+    basis = [torch.randn(n, rank, generator=gen) if rank else torch.empty(0) for n in sizes]
+    coef = [torch.randn(rank, generator=gen) if rank else torch.empty(0) for _ in sizes]
+    return dict(noise_mode=mode, noise_seed=-12345, noise_counter=7, noise_param_coef=0.05,
+                noise_scale=torch.tensor(1.7) if mode != 3 else None, noise_tensor_idx=list(range(len(sizes))),
+                noise_var=var, noise_basis=basis if rank else None, noise_coef=coef if rank else None)
+
+
+def _noisy_step(ops, st, grads, hp, noise, stats_out=None, grad_scale=None):
+    ops.adamw_step_(st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], st["max_exp_avg_sqs"],
+                    st["state_steps"], hp["lr"], hp["betas"][0], hp["betas"][1], hp["weight_decay"], hp["eps"],
+                    hp["amsgrad"], hp["maximize"], grad_scale, None, [], stats_out, **noise)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,rank", [(1, 0), (2, 3), (3, 1)])
+def test_isa_levels_are_bitwise_identical_with_noise(ops, dtype, mode, rank):
+    mod = importlib.import_module("pnekern._C")
+    levels = _isa_levels()
+    before, threads = mod.cpu_isa(), torch.get_num_threads()
+    sizes = (1, 17, 1023, 70001)
+    hp = _hp(amsgrad=mode == 2, maximize=mode == 1, weight_decay=0.1)
+    results = {}
+    try:
+        for level, nthreads in [(lv, 2) for lv in levels] + [(levels[0], 1)]:
+            mod.set_cpu_isa(level)
+            torch.set_num_threads(nthreads)
+            gen = torch.Generator().manual_seed(21)
+            st = _make_state(sizes, dtype, gen, hp["amsgrad"])
+            noise = _noise_args(sizes, gen, mode, rank)
+            rows = []
+            for _ in range(2):
+                grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+                stats = torch.empty(len(sizes), 4, dtype=torch.float64)
+                _noisy_step(ops, st, grads, hp, noise, stats_out=stats, grad_scale=torch.tensor(4.0))
+                rows.append(stats)
+                noise["noise_counter"] += 1
+            results[level, nthreads] = [*st["params"], *st["exp_avgs"], *st["exp_avg_sqs"], *rows]
+    finally:
+        mod.set_cpu_isa(before)
+        torch.set_num_threads(threads)
+    keys = list(results)
+    for key in keys[1:]:
+        for i, (a, b) in enumerate(zip(results[keys[0]], results[key])):
+            assert torch.equal(a, b), f"{key} differs from {keys[0]} in output {i}"
+
+
+def test_in_step_normals_match_the_reference_stream(ops):
+    """ε = z·1 read off a zero-gradient step (β1 = 0: m = g + ε exactly) against the reference normals: the C++
+    polynomial log/cos agree with torch.log/torch.cos to ≤ 1e-6 absolute over 2^20 normals (|z| up to ~5.3)."""
+    from pnekern.reference.philox import philox_normal
+
+    n = 1 << 20
+    st = _make_state((n,), torch.float32, torch.Generator().manual_seed(0), False)
+    st["params"][0].zero_()
+    ops.adamw_step_(st["params"], [torch.zeros(n)], st["exp_avgs"], st["exp_avg_sqs"], [], st["state_steps"], 1.0,
+                    0.0, 0.9, 0.0, 1.0, False, False, None, None, [], None, noise_mode=2, noise_seed=2**40 + 3,
+                    noise_counter=5, noise_tensor_idx=[9], noise_var=[torch.ones(1)])
+    want = philox_normal(2**40 + 3, 5, 9, n)
+    err = (st["exp_avgs"][0] - want).abs()
+    assert float(err.max()) <= 1e-6, float(err.max())
+    assert float(want.abs().max()) > 4.5  # the tail is covered
+
+
+def test_noise_arguments_are_validated_by_name(ops):
+    gen = torch.Generator().manual_seed(1)
+    st = _make_state((5,), torch.float32, gen, False)
+    grads = [torch.randn(5)]
+    with pytest.raises(RuntimeError, match=r"noise_mode must be 0"):
+        _noisy_step(ops, st, grads, _hp(), dict(noise_mode=4))
+    with pytest.raises(RuntimeError, match=r"noise_var\[0\] has 3 elements"):
+        _noisy_step(ops, st, grads, _hp(), dict(noise_mode=1, noise_tensor_idx=[0], noise_var=[torch.ones(3)]))
+    with pytest.raises(RuntimeError, match=r"noise_basis\[0\] must be a contiguous float32 \[5, k\]"):
+        _noisy_step(ops, st, grads, _hp(), dict(noise_mode=1, noise_tensor_idx=[0], noise_var=[torch.ones(1)],
+                                                noise_basis=[torch.ones(4, 2)], noise_coef=[torch.ones(2)]))
+    with pytest.raises(RuntimeError, match=r"one noise_tensor_idx per param"):
+        _noisy_step(ops, st, grads, _hp(), dict(noise_mode=1, noise_tensor_idx=[], noise_var=[torch.ones(1)]))
+
+
+def test_opcheck_with_noise(ops):
+    gen = torch.Generator().manual_seed(8)
+    st = _make_state((5, 3), torch.float32, gen, False)
+    grads = [torch.randn(n, generator=gen) for n in (5, 3)]
+    args = (st["params"], grads, st["exp_avgs"], st["exp_avg_sqs"], [], st["state_steps"], 1e-3, 0.9, 0.999, 0.01,
+            1e-8, False, False, torch.tensor(2.0), None, [], torch.empty(2, 4, dtype=torch.float64), 1, 3, 4, 0.0,
+            torch.tensor(0.5), [0, 1], [torch.rand(5), torch.rand(1)], [torch.randn(5, 2), torch.empty(0)],
+            [torch.randn(2), torch.empty(0)])
+    torch.library.opcheck(ops.adamw_step_.default, args)
+    schema = str(ops.adamw_step_.default._schema)
+    assert "Tensor[]? noise_var=None" in schema and "Tensor(a!)[] params" in schema

@@ -45,6 +45,15 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   s.eps = static_cast<float>(h.eps);
   s.sign = h.maximize ? -1.0f : 1.0f;
   s.scale = s.unscale ? *grad_scale : 1.0f;
+  s.noise_mode = h.noise_mode;
+  s.noise_key0 = static_cast<uint32_t>(h.noise_seed);
+  s.noise_key1 = static_cast<uint32_t>(h.noise_seed >> 32);
+  s.noise_counter = h.noise_counter;
+  s.noise_has_mult = h.noise_has_mult;
+  s.noise_mult = h.noise_mult;
+  s.noise_in_v = h.noise_mode == kNoiseIntoV ? 1.0f : 0.0f;
+  s.noise_in_m = (h.noise_mode == kNoiseIntoV || h.noise_mode == kNoiseOutsideV) ? 1.0f : 0.0f;
+  s.noise_param = h.noise_mode == kNoiseParam ? static_cast<float>(h.noise_param_coef) : 0.0f;
   const Chunk* chunk_list = chunks.data();
   double* partial_base = partials.data();
   const TensorCoeffs* coeff_list = coeffs.data();
@@ -89,6 +98,9 @@ void adamw_step_cpu(DType dtype, const AdamWTensor* tensors, int64_t ntensors, c
     PNEKERN_CHECK(!hyper.amsgrad || t.numel == 0 || t.max_exp_avg_sq,
                   "tensor " << i << ": amsgrad needs max_exp_avg_sq");
     PNEKERN_CHECK(t.step >= 1.0, "tensor " << i << ": step must be >= 1 (already incremented), got " << t.step);
+    PNEKERN_CHECK(!t.noise_on || t.numel == 0 || t.noise_rank == 0 || (t.noise_basis && t.noise_coef),
+                  "tensor " << i << ": noise_rank > 0 needs noise_basis and noise_coef");
+    PNEKERN_CHECK(t.noise_rank >= 0, "tensor " << i << ": noise_rank < 0");
   }
   if (found_inf != nullptr && *found_inf != 0.0f) {
     // A skipped (inf/nan) step changes nothing; the stats of a step that did not happen are zero, not stale.
@@ -96,6 +108,8 @@ void adamw_step_cpu(DType dtype, const AdamWTensor* tensors, int64_t ntensors, c
       for (int64_t i = 0; i < ntensors * kAdamWStatsCols; ++i) stats[i] = 0.0;
     return;
   }
+  PNEKERN_CHECK(hyper.noise_mode >= kNoiseOff && hyper.noise_mode <= kNoiseParam,
+                "noise_mode must be 0..3, got " << hyper.noise_mode);
   if (nthreads < 1) nthreads = 1;
   PNEKERN_CHECK(dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16,
                 "unsupported dtype " << static_cast<int>(dtype));

@@ -28,6 +28,15 @@ struct AdamWScalars {
   float eps;
   float sign;    // -1 for maximize
   float scale;
+  // In-step noise (AdamWHyper's noise_*): active for a tensor when noise_mode != kNoiseOff and t.noise_on.
+  int noise_mode;
+  uint32_t noise_key0, noise_key1;  // Philox key (seed lo, hi)
+  uint32_t noise_counter;
+  bool noise_has_mult;
+  float noise_mult;
+  float noise_in_v;     // 1: ε enters v (into_v), else 0
+  float noise_in_m;     // 1: ε enters m and the update (gradient modes), else 0
+  float noise_param;    // fp32(η·sqrt(κ)) in param mode, else 0
 };
 
 // One chunk [begin, end) of one tensor (see adamw_step_cpu for the stats contract). partial: double[4], written

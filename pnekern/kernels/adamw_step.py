@@ -11,6 +11,11 @@ Python-float scalars; ``grad_scale`` / ``found_inf`` are read by the kernel from
 device value on the host, except incrementing CPU step counters after a step that depends on a device ``found_inf``
 (the reference does the same).
 
+In-step noise (``noise_*`` arguments, SPEC §5, same contract as the reference's ``step_noise``): each program
+draws its elements' Philox normals (keyed by the global element index, so the stream does not depend on BLOCK),
+forms ε = (z·sqrt(max(δ,0)) + Σ_j U[e,j]·c_j)·sqrt(c) in registers and adds it to g (m and v, or m only) or to θ
+after the update; no ε tensor exists. Per-tensor noise operands come from a second pointer table.
+
 Statistics: each program reduces its chunk in fp32 and writes one float64 partial row; a second kernel sums each
 tensor's partial rows in a fixed order (deterministic, no atomics).
 """
@@ -25,6 +30,7 @@ from torch import Tensor
 
 from . import interpreter_enabled
 from ._common import TL_DTYPES, TableCache, launch_config, segment_sum, to_storage
+from .philox import philox_normal_elem
 
 __all__ = ["adamw_step_", "STATS_COLS"]
 
@@ -46,6 +52,13 @@ def _adamw_step_kernel(
     grad_scale_ptr,  # float32 [1] (unused unless UNSCALE)
     found_inf_ptr,  # float32 [1] (unused unless HAS_FOUND_INF)
     partials_ptr,  # float64 [C, 4] (unused unless STATS)
+    noise_table,  # int64 [N, 6]: var ptr, var stride (0: isotropic), basis ptr, coef ptr, rank, tensor word
+    noise_on_table,  # float32 [N]: 1.0 where the tensor gets noise
+    noise_scale_ptr,  # float32 [1] controller scale (unused unless NOISE_MULT)
+    seed_lo,
+    seed_hi,
+    noise_counter,
+    noise_param_coef,  # fp32 η·sqrt(κ) (NOISE_MODE 3)
     w1,  # fp32 1 - beta1
     beta2,
     one_minus_beta2,
@@ -60,6 +73,9 @@ def _adamw_step_kernel(
     HAS_SUMSQ: tl.constexpr,
     MANUAL_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
+    NOISE_MODE: tl.constexpr = 0,
+    NOISE_RANK: tl.constexpr = 0,
+    NOISE_MULT: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     t = tl.load(chunk_table + pid * 2)
@@ -90,15 +106,43 @@ def _adamw_step_kernel(
         tl.store(g_ptr + offs, to_storage(g, DT, MANUAL_BF16), mask=wmask)
     if MAXIMIZE:
         g = -g
+    g_m = g
+    g_v = g
+    if NOISE_MODE != 0:
+        nrow = noise_table + t * 6
+        var_ptr = tl.load(nrow + 0).to(tl.pointer_type(tl.float32))
+        var_stride = tl.load(nrow + 1)
+        on = tl.load(noise_on_table + t)
+        var = tl.load(var_ptr + offs * var_stride, mask=mask, other=0.0)
+        z = philox_normal_elem(offs, tl.load(nrow + 5), noise_counter, seed_lo, seed_hi)
+        eps_n = z * tl.sqrt_rn(tl.where(var < 0.0, 0.0, var))  # clamp(min=0): NaN stays NaN
+        if NOISE_RANK > 0:
+            basis_ptr = tl.load(nrow + 2).to(tl.pointer_type(tl.float32))
+            coef_ptr = tl.load(nrow + 3).to(tl.pointer_type(tl.float32))
+            rank = tl.load(nrow + 4)
+            for j in tl.static_range(NOISE_RANK):
+                in_rank = mask & ((offs * 0 + rank) > j)  # tensors of lower rank add exact zeros
+                uj = tl.load(basis_ptr + offs * rank + j, mask=in_rank, other=0.0)
+                cj = tl.load(coef_ptr + j + offs * 0, mask=in_rank, other=0.0)
+                eps_n = eps_n + uj * cj
+        if NOISE_MULT:
+            eps_n = eps_n * tl.sqrt_rn(tl.load(noise_scale_ptr + offs * 0))
+        eps_n = eps_n * on  # 0 for tensors without noise in this launch
+        ge = -eps_n if MAXIMIZE else eps_n
+        if NOISE_MODE == 1:
+            g_m = g + ge
+            g_v = g_m
+        elif NOISE_MODE == 2:
+            g_m = g + ge
     param = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32) * decay
     m_old = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # torch.lerp's two formulas (it switches at |weight| = 0.5 for accuracy).
     if SMALL_W:
-        m = m_old + w1 * (g - m_old)
+        m = m_old + w1 * (g_m - m_old)
     else:
-        m = g + (w1 - 1.0) * (g - m_old)
+        m = g_m + (w1 - 1.0) * (g_m - m_old)
     v_old = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = v_old * beta2 + one_minus_beta2 * g * g
+    v = v_old * beta2 + one_minus_beta2 * g_v * g_v
     v_use = v
     v_prev = v_old
     if AMSGRAD:
@@ -110,6 +154,8 @@ def _adamw_step_kernel(
         v_prev = vmax_old
     denom = tl.div_rn(tl.sqrt_rn(v_use), bc2_sqrt) + eps
     param = param + tl.div_rn(neg_step_size * m, denom)
+    if NOISE_MODE == 3:
+        param = param + (noise_param_coef * tl.div_rn(1.0, denom)) * eps_n
     tl.store(p_ptr + offs, to_storage(param, DT, MANUAL_BF16), mask=wmask)
     tl.store(m_ptr + offs, to_storage(m, DT, MANUAL_BF16), mask=wmask)
     tl.store(v_ptr + offs, to_storage(v, DT, MANUAL_BF16), mask=wmask)
@@ -199,8 +245,18 @@ def adamw_step_(
     found_inf: Tensor | None = None,
     sumsq_bufs: Sequence[Tensor] = (),
     stats_out: Tensor | None = None,
+    noise_mode: int = 0,
+    noise_seed: int = 0,
+    noise_counter: int = 0,
+    noise_param_coef: float = 0.0,
+    noise_scale: Tensor | None = None,
+    noise_tensor_idx: Sequence[int] = (),
+    noise_var: Sequence[Tensor] = (),
+    noise_basis: Sequence[Tensor] = (),
+    noise_coef: Sequence[Tensor] = (),
 ) -> None:
-    """One fused AdamW step over N tensors in one launch (see ``pnekern.reference.adamw.adamw_step_``).
+    """One fused AdamW step over N tensors in one launch (see ``pnekern.reference.adamw.adamw_step_``), noise
+    included (``noise_*``: the reference's contract, generated in the kernel).
 
     ``lr`` may be a 0-dim tensor (read on its device, never on the host). Tensors must live on one device (a CUDA
     device, or the CPU under ``TRITON_INTERPRET=1``) and share one dtype (fp32 / bf16 / fp16); ``sumsq_bufs`` are
@@ -301,16 +357,32 @@ def adamw_step_(
                                                                             device=device)
         partials = torch.empty((nchunks, STATS_COLS), dtype=torch.float64, device=device)
 
+    noise_mode = int(noise_mode)
+    if noise_mode not in (0, 1, 2, 3):
+        raise RuntimeError(f"adamw_step_: noise_mode must be 0 (off), 1 (into_v), 2 (outside_v) or 3 (param), got {noise_mode}")
+    noise_table = noise_on = noise_scale_t = coef
+    rank_max, keep = 0, []
+    seed = int(noise_seed) & 0xFFFFFFFFFFFFFFFF
+    if noise_mode:
+        noise_table, noise_on, rank_max, keep = _noise_tables(ps, noise_tensor_idx, noise_var, noise_basis, noise_coef,
+                                                              device)
+        if noise_scale is not None:
+            noise_scale_t = _device_scalar(noise_scale, device)
+
     # Python floats rounded to fp32 once, as torch does when they multiply an fp32 tensor.
     w1 = 1.0 - beta1
     if nchunks:
         _adamw_step_kernel[(nchunks,)](
             ptr_table, chunk_table, coef, scale_t, found_t, partials,
+            noise_table, noise_on, noise_scale_t, seed & 0xFFFFFFFF, seed >> 32, int(noise_counter) & 0xFFFFFFFF,
+            float(noise_param_coef),
             w1, beta2, 1.0 - beta2, eps,
             DT=TL_DTYPES[dtype], AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), SMALL_W=abs(w1) < 0.5,
             UNSCALE=unscale, HAS_FOUND_INF=found_inf is not None, STATS=stats_out is not None,
             HAS_SUMSQ=bool(qs), MANUAL_BF16=interpreter_enabled(), BLOCK=block, num_warps=num_warps,
+            NOISE_MODE=noise_mode, NOISE_RANK=rank_max, NOISE_MULT=bool(noise_mode) and noise_scale is not None,
         )
+    del keep
     if stats_out is not None:
         segment_sum(partials, seg_start, stats_buf, accumulate=False)
         if stats_buf is not stats_out:
@@ -318,6 +390,44 @@ def adamw_step_(
     for dst, src in write_back:
         dst.copy_(src)
     _count_step(state_steps, found_inf)
+
+
+def _noise_tables(ps, tensor_idx, var, basis, coef, device) -> tuple[Tensor, Tensor, int, list[Tensor]]:
+    """Per-tensor noise operands: int64 [N, 6] (var ptr, var stride, basis ptr, coef ptr, rank, tensor word), fp32
+    on-flags [N], the largest rank, and the tensors the pointers refer to (kept alive until the launch)."""
+    n = len(ps)
+    if len(tensor_idx) != n or len(var) != n:
+        raise RuntimeError(f"adamw_step_: noise needs one noise_tensor_idx and one noise_var per param: got {n} "
+                           f"params, {len(tensor_idx)} indices, {len(var)} variances")
+    if len(basis) not in (0, n) or len(coef) != len(basis):
+        raise RuntimeError("adamw_step_: noise_basis must be empty or one per param, with matching noise_coef")
+    keep: list[Tensor] = []
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    keep.append(dummy)
+    rows, on, rank_max = [], [], 0
+    for i, p in enumerate(ps):
+        d = p.numel()
+        v = var[i]
+        if v.numel() not in (0, 1, d):
+            raise RuntimeError(f"adamw_step_: noise_var[{i}] has {v.numel()} elements; expected 0, 1 or {d}")
+        vv = v.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous() if v.numel() else dummy
+        keep.append(vv)
+        u_ptr = c_ptr = dummy.data_ptr()
+        k = 0
+        if len(basis) and basis[i].numel():
+            u = basis[i].detach().to(device=device, dtype=torch.float32).contiguous()
+            c = coef[i].detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+            if u.dim() != 2 or u.shape[0] != d or c.numel() != u.shape[1]:
+                raise RuntimeError(f"adamw_step_: noise_basis[{i}] must be [{d}, k] with noise_coef[{i}] of k elements")
+            keep += [u, c]
+            u_ptr, c_ptr, k = u.data_ptr(), c.data_ptr(), int(u.shape[1])
+        rank_max = max(rank_max, k)
+        rows.append((vv.data_ptr(), 1 if (v.numel() == d and d > 1) else 0, u_ptr, c_ptr, k,
+                     int(tensor_idx[i]) & 0xFFFFFFFF))
+        on.append(1.0 if v.numel() else 0.0)
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    flags = torch.tensor(on, dtype=torch.float32).to(device)
+    return table, flags, rank_max, keep
 
 
 def _count_step(state_steps: Sequence[Tensor], found_inf: Tensor | None) -> None:

@@ -125,6 +125,12 @@ class NoiseConfig:
         seed: uint64 seed of the Philox noise stream (the stream's counter is the optimizer step; both are in
             ``state_dict()``).
         chunk_elems: sample the noise this many elements at a time (memory bound; the stream does not depend on it).
+            Only the Python sampling path uses it (``in_step=False`` or parameters the fused step cannot take).
+        in_step: True (default): the fused step draws ε itself (C++, Triton and reference backends; same Philox
+            stream, no ε or noisy-gradient tensor is allocated) wherever it can: fp32/bf16/fp16 real parameters,
+            not ``differentiable``, and not parameter space with a ``schedule`` (its scale needs the updated A_t
+            before ζ is drawn). False: draw ε in Python with :func:`pnekern.noise.sampler.sample_noise` and hand
+            the kernel a noisy gradient copy / patch m and θ afterwards (the original path; same stream).
     """
 
     target: Target | None = None
@@ -137,12 +143,15 @@ class NoiseConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     seed: int = 0
     chunk_elems: int | None = None
+    in_step: bool = True
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:
             raise ValueError(f"space={self.space!r} must be one of {SPACES}")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} must be one of {METRICS}")
+        if not isinstance(self.in_step, bool):
+            raise ValueError(f"in_step={self.in_step!r} must be a bool")
         if not isinstance(self.into_second_moment, bool):
             raise ValueError(f"into_second_moment={self.into_second_moment!r} must be a bool")
         if not self.into_second_moment and self.space != "gradient":

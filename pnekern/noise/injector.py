@@ -16,8 +16,12 @@ Per step, for each parameter with a gradient (tensor index i in the optimizer's 
    (``temperature``/``diffusion``/``pne`` become totals; parts in ``temperature_sampled``/``temperature_injected``),
    logs c_t, the target and the infeasible mass, and closes the controller loop.
 
-The noise is drawn with the pure-PyTorch Philox reference for every backend (one temporary per parameter);
-generating it inside the fused C++/Triton kernels is future work (issue 5 "Kernels").
+In-step noise (default, ``NoiseConfig.in_step``): for parameters the fused step can take (fp32/bf16/fp16, real,
+not parameter space with a controller), ``prepare`` draws nothing: it hands the kernel the residual's operands
+(δ, U, c = sqrt(s)·z_r with the k low-rank normals z_r drawn here, the tensor index, seed, counter, and the
+controller scale), the kernel generates ε from the same Philox stream per element, and ``after_update`` only does
+the exposure accounting (the kernel unscales p.grad and its statistics rows already see the clean gradient). The
+Python path above remains for the other parameters and for ``in_step=False``.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from ..stats.engine import StepStats, _to_host, bias_corrected_coefficient, nyst
 from .config import DiagonalTarget, IsotropicTarget, LowRankTarget, NoiseConfig
 from .controller import ExposureController
 from .covariance import LowRankDiag, psd_clip
-from .sampler import sample_noise
+from .sampler import lowrank_normals, sample_noise
 
 __all__ = ["NoiseInjector", "NoisyStepStats", "NOISE_FIELDS", "STATE_KEY"]
 
@@ -100,11 +104,15 @@ class _Entry:
     index: int
     cov: LowRankDiag  # R⁺ at unit scale [g²], flattened
     mass: Tensor  # infeasible mass tr R⁺ − tr R [g²], 0-dim float64
-    eps: Tensor  # c_t-scaled draw, parameter's shape, fp32 (fp64 for fp64 params) [g]
+    eps: Tensor | None  # c_t-scaled draw, parameter's shape, fp32 (fp64 for fp64 params) [g]; None in-step
+    in_step: bool = False  # the fused step draws ε (kernel_args) instead of this Python path
     noisy_grad: Tensor | None = None
     rows_pre: tuple[Tensor, Tensor] | None = None  # clean (Σ g², Σ a_prev² g²), float64
     tr_prev: Tensor | None = None  # Tr(A_{t−1} R⁺ A_{t−1}) (trace-mode statistics)
     tr_unit: Tensor | None = None  # Tr(A R⁺ A) with the engine's A, per unit scale
+    kernel_var: Tensor | None = None  # in-step operands: δ fp32 [d] or [1]
+    kernel_basis: Tensor | None = None  # U fp32 [d, k]
+    kernel_coef: Tensor | None = None  # c fp32 [k]
 
 
 @dataclass
@@ -123,6 +131,39 @@ class _StepNoise:
         e = self.entries.get(id(p))
         return p.grad if e is None or e.noisy_grad is None else e.noisy_grad
 
+    def kernel_args(self, params: list[Tensor]) -> dict[str, Any]:
+        """The ``noise_*`` keyword arguments of ``ops.adamw_step_`` for one bucket (``params`` in bucket order);
+        empty when no parameter of the bucket takes its noise in-step."""
+        ins = [self.entries.get(id(p)) for p in params]
+        ins = [e if e is not None and e.in_step else None for e in ins]
+        if not any(ins):
+            return {}
+        cfg = self.injector.config
+        mode = 3 if cfg.space == "parameter" else (1 if cfg.into_second_moment else 2)
+        device = params[0].device
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        var, basis, coef, idx = [], [], [], []
+        for p, e in zip(params, ins):
+            if e is None:
+                var.append(empty), basis.append(empty), coef.append(empty), idx.append(0)
+                continue
+            var.append(e.kernel_var), idx.append(e.index)
+            basis.append(e.kernel_basis if e.kernel_basis is not None else empty)
+            coef.append(e.kernel_coef if e.kernel_coef is not None else empty)
+        out: dict[str, Any] = dict(
+            noise_mode=mode, noise_seed=self.injector.seed, noise_counter=self.step, noise_tensor_idx=idx,
+            noise_var=var, noise_basis=basis, noise_coef=coef,
+        )
+        if not any(b.numel() for b in basis):
+            out["noise_basis"], out["noise_coef"] = [], []
+        if mode == 3:
+            out["noise_param_coef"] = _scalar(self.injector.optimizer._group_of(params[0])["lr"]) * math.sqrt(
+                self.injector.optimizer._stats.current_kappa()
+            )
+        elif self.scale is not None:
+            out["noise_scale"] = self.scale.to(device)
+        return out
+
     def after_update(self, rows: dict[int, Tensor], found_inf: Tensor | None) -> None:
         self.injector._after_update(self, rows, found_inf)
 
@@ -135,6 +176,16 @@ class NoiseInjector:
 
     Construction validates everything against the optimizer (ValueError naming the argument) before any step.
     """
+
+    def in_step_ok(self, p: Tensor, backend: str) -> bool:
+        """Whether the fused step on ``backend`` draws ``p``'s noise itself (see NoiseConfig.in_step)."""
+        cfg = self.config
+        return (
+            cfg.in_step
+            and backend in ("cpp", "triton", "reference")
+            and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not (cfg.space == "parameter" and self.controller is not None)
+        )
 
     def __init__(self, optimizer: Any, config: NoiseConfig) -> None:
         if not isinstance(config, NoiseConfig):
@@ -374,8 +425,12 @@ class NoiseInjector:
         return lr
 
     @torch.no_grad()
-    def prepare(self, todo: list[tuple[int, int, Tensor]], grad_scale: Tensor | None) -> _StepNoise:
-        """Draw this step's noise for the parameters in ``todo``; mutates nothing the optimizer owns."""
+    def prepare(
+        self, todo: list[tuple[int, int, Tensor]], grad_scale: Tensor | None, backends: dict[int, str] | None = None
+    ) -> _StepNoise:
+        """Draw this step's noise for the parameters in ``todo`` (or, for those whose fused step draws it in-step,
+        prepare the kernel's operands); mutates nothing the optimizer owns. ``backends``: id(p) -> the backend the
+        step will use for p (None: every parameter takes the Python path)."""
         opt, cfg = self.optimizer, self.config
         eng = opt._stats
         measuring = eng.measuring_this_step()
@@ -391,8 +446,13 @@ class NoiseInjector:
                 continue
             cov, mass = res
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            eps = sample_noise(cov, self.seed, self.counter, i, device=p.device, dtype=dtype, chunk_elems=cfg.chunk_elems)
-            e = _Entry(param=p, index=i, cov=cov, mass=mass, eps=eps.view(p.shape))
+            if backends is not None and self.in_step_ok(p, backends.get(id(p), "")):
+                e = _Entry(param=p, index=i, cov=cov, mass=mass, eps=None, in_step=True)
+                self._kernel_operands(e)
+            else:
+                eps = sample_noise(cov, self.seed, self.counter, i, device=p.device, dtype=dtype,
+                                   chunk_elems=cfg.chunk_elems)
+                e = _Entry(param=p, index=i, cov=cov, mass=mass, eps=eps.view(p.shape))
             if predict or (measuring and (eng.mode == "trace" or into_v)):
                 v, inv_sqrt_bc2, adam_eps = opt._precond_for(p)
                 a_prev = (
@@ -400,7 +460,7 @@ class NoiseInjector:
                     else 1.0 / (v.to(torch.float64).sqrt() * inv_sqrt_bc2 + adam_eps)
                 )
                 e.tr_prev = cov.precond_trace(a_prev)
-                if into_v and measuring:
+                if into_v and measuring and not e.in_step:  # in-step: the kernel's rows see the clean g
                     g64 = p.grad.to(torch.float64)
                     if grad_scale is not None:
                         g64 = g64 / grad_scale.to(device=p.device, dtype=torch.float64)
@@ -421,6 +481,8 @@ class NoiseInjector:
             scale = self.controller.scale(cfg.schedule(self.counter + 1), unit)
         for e in entries.values():
             p = e.param
+            if e.in_step:
+                continue  # the kernel multiplies ε by sqrt(scale) (noise_scale)
             if scale is not None:
                 e.eps = e.eps * scale.to(device=p.device, dtype=e.eps.dtype).sqrt()
             if into_v:
@@ -431,6 +493,20 @@ class NoiseInjector:
             for e in entries.values():
                 e.tr_prev = None  # exposure uses A_t (diag/lowrank statistics), computed after the update
         return _StepNoise(self, entries, scale, grad_scale, measuring, self.counter)
+
+    def _kernel_operands(self, e: _Entry) -> None:
+        """δ (fp32, [d] or [1]), U (fp32 [d, k]) and c = fp32(sqrt(s)·z_r) for the in-step draw; c is computed
+        exactly as sample_noise computes it, so the kernel's ε equals sample_noise's up to the normals' last bits."""
+        cov, p = e.cov, e.param
+        f32 = torch.float32
+        e.kernel_var = cov.diag.reshape(-1).to(device=p.device, dtype=f32).contiguous()
+        e.kernel_basis = e.kernel_coef = None
+        k = cov.rank
+        if k > 0:
+            z_r = lowrank_normals(self.seed, self.counter, e.index, cov.numel, k, device=p.device)
+            coef = cov.eig.to(device=p.device, dtype=torch.float64).clamp(min=0.0).sqrt() * z_r.to(torch.float64)
+            e.kernel_basis = cov.basis.to(device=p.device, dtype=f32).contiguous()
+            e.kernel_coef = coef.to(cov.basis.dtype).to(f32)
 
     @torch.no_grad()
     def _after_update(self, plan: _StepNoise, rows: dict[int, Tensor], found_inf: Tensor | None) -> None:
@@ -459,6 +535,11 @@ class NoiseInjector:
             beta1 = _scalar(group["betas"][0])
             skip = None if found_inf is None else found_inf.to(p.device).reshape(()) != 0
             a_new = a_news[id(p)]
+            if e.in_step:
+                # The kernel added ε (or ζ) in-step, unscaled p.grad and kept its statistics rows clean.
+                if cfg.space == "gradient":
+                    e.tr_unit = e.tr_prev if eng.mode == "trace" and e.tr_prev is not None else e.cov.precond_trace(a_new)
+                continue
             ct = e.eps.dtype
             if cfg.space == "parameter":
                 # ζ ~ N(0, η² κ A_t (c R⁺) A_t)  [θ²]  (SPEC §5 [fix]: the drafts omit η²)

@@ -378,7 +378,14 @@ class AdamW(torch.optim.AdamW):
         if use_sumsq:
             stats.reduce_buffers()  # the step's Σ a_t² q column must see every worker's contributions
         # Noise is drawn before anything is mutated (a failing draw leaves params/state untouched).
-        noise = self._noise.prepare(todo, grad_scale) if self._noise is not None else None
+        noise = None
+        if self._noise is not None:
+            # Every fused backend (reference, cpp, triton) draws the noise in-step where the injector allows it.
+            backends = {
+                id(p): ops.resolve_backend(self.backend, p.device, torch.float32 if p.is_complex() else p.dtype)
+                for _, _, p in todo
+            }
+            noise = self._noise.prepare(todo, grad_scale, backends)
         rows: dict[int, Tensor] = {}
         lrs: dict[int, float] = {}
         by_group: dict[int, list[Tensor]] = defaultdict(list)
@@ -446,6 +453,7 @@ class AdamW(torch.optim.AdamW):
                     found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
                     sumsq_bufs=b.get("sumsq", []),
                     stats_out=stats_out,
+                    **(noise.kernel_args(b["orig"]) if noise is not None else {}),
                 )
                 if stats_out is not None:
                     for i, p in enumerate(b["orig"]):

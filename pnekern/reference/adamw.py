@@ -10,7 +10,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_step_", "microbatch_accumulate_", "STATS_COLUMNS"]
+from .philox import philox_normal
+
+__all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "NOISE_MODES"]
+
+#: In-step noise modes (the ``noise_mode`` argument, SPEC §5): 0 off; 1 gradient space into v (g ← g + ε before m
+#: and v); 2 gradient space outside v (m and the update use g + ε, v uses g); 3 parameter space (after the update
+#: θ ← θ + noise_param_coef · a_new ⊙ ε, a_new = 1/denom of this step).
+NOISE_MODES = {"off": 0, "into_v": 1, "outside_v": 2, "param": 3}
 
 #: Columns of the per-tensor ``stats_out`` rows written by the fused step (all float64 sums over elements):
 #: 0: Σ g²  (g = the unscaled step gradient p.grad),
@@ -18,6 +25,49 @@ __all__ = ["adamw_step_", "microbatch_accumulate_", "STATS_COLUMNS"]
 #: 2: Σ a_new² g²   with a_new = 1/denom of this step (A_t),
 #: 3: Σ a_new² q    with q the optional per-tensor sum-of-squares buffer (diag mode), 0 without one.
 STATS_COLUMNS = ("grad_sq", "precond_prev_grad_sq", "precond_new_grad_sq", "precond_new_sumsq")
+
+
+def step_noise(
+    numel: int,
+    seed: int,
+    counter: int,
+    tensor_idx: int,
+    var: Tensor,
+    basis: Tensor | None = None,
+    coef: Tensor | None = None,
+    scale: Tensor | None = None,
+    device=None,
+) -> Tensor | None:
+    """ε of one tensor as the fused kernels compute it in-step (the contract, materialised here as the oracle).
+
+    ε_e = (z_e · sqrt(max(δ_e, 0)) + Σ_j U[e, j] · c_j) · sqrt(c)   in fp32, in this order (j ascending),
+
+    z_e = ``philox_normal(seed, counter, tensor_idx)`` element e. This is exactly what
+    ``pnekern.noise.sampler.sample_noise`` returns for Σ = U diag(s) Uᵀ + diag(δ) when c_j = fp32(sqrt(s_j)·z_r[j])
+    with z_r the stream's elements d .. d+k−1, times ``scale``'s fp32 square root.
+
+    Args:
+        numel: d. var: δ, fp32 with 0 elements (no noise: returns None), 1 (isotropic) or d; units g².
+        basis: U, fp32 [d, k] or None / empty. coef: c, fp32 [k]. scale: optional one-element controller scale.
+    Returns:
+        fp32 [d] ε [g], or None when ``var`` is empty.
+    """
+    if var.numel() == 0:
+        return None
+    device = var.device if device is None else device
+    z = philox_normal(seed, counter, tensor_idx, numel, device=device)
+    delta = var.reshape(-1).to(device=device, dtype=torch.float32)
+    if delta.numel() == 1:
+        delta = delta.reshape(())
+    eps = z * delta.clamp(min=0.0).sqrt()
+    if basis is not None and basis.numel():
+        u = basis.to(device=device, dtype=torch.float32).reshape(numel, -1)
+        c = coef.to(device=device, dtype=torch.float32).reshape(-1)
+        for j in range(u.shape[1]):
+            eps = eps + u[:, j] * c[j]
+    if scale is not None:
+        eps = eps * scale.detach().reshape(()).to(device=device, dtype=torch.float32).sqrt()
+    return eps
 
 
 def _host_step(step_t: Tensor) -> float | Tensor:
@@ -44,6 +94,15 @@ def adamw_step_(
     found_inf: Tensor | None = None,
     sumsq_bufs: Sequence[Tensor] = (),
     stats_out: Tensor | None = None,
+    noise_mode: int = 0,
+    noise_seed: int = 0,
+    noise_counter: int = 0,
+    noise_param_coef: float = 0.0,
+    noise_scale: Tensor | None = None,
+    noise_tensor_idx: Sequence[int] = (),
+    noise_var: Sequence[Tensor] = (),
+    noise_basis: Sequence[Tensor] = (),
+    noise_coef: Sequence[Tensor] = (),
 ) -> None:
     """One AdamW step over N tensors, in place (params, grads on unscale, state, steps, stats_out).
 
@@ -58,10 +117,36 @@ def adamw_step_(
         found_inf: optional 0-dim tensor; when nonzero nothing at all changes and the step does not count.
         sumsq_bufs: empty, or N fp32 tensors (Σ_k x_k² per element, diag mode) used by stats column 3.
         stats_out: optional float64 tensor [N, 4] overwritten with the per-tensor sums in ``STATS_COLUMNS``.
+        noise_mode: ``NOISE_MODES`` value; 0 (default) ignores every other noise argument.
+        noise_seed, noise_counter: the Philox key (uint64; the C++ op takes it as int64 two's complement) and step
+            word. noise_tensor_idx: N Philox tensor words.
+        noise_var: N fp32 tensors δ with 0 (no noise for that tensor), 1 (isotropic) or numel elements [g²].
+        noise_basis, noise_coef: empty, or N fp32 tensors U [numel, k] (0 elements: none) and c [k] (see
+            :func:`step_noise`). noise_scale: optional one-element controller scale c (ε is multiplied by sqrt(c)).
+        noise_param_coef: η·sqrt(κ) of parameter-space noise (mode 3).
+    The statistics rows always use the clean gradient. With ``found_inf`` nothing changes (noise included).
     """
     n = len(params)
     if stats_out is not None and tuple(stats_out.shape) != (n, 4):
         raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, 4], got {tuple(stats_out.shape)}")
+    noise_mode = int(noise_mode)
+    if noise_mode not in NOISE_MODES.values():
+        raise RuntimeError(f"adamw_step_: noise_mode must be 0 (off), 1 (into_v), 2 (outside_v) or 3 (param), got {noise_mode}")
+    eps_all: list[Tensor | None] = [None] * n
+    if noise_mode:
+        if len(noise_tensor_idx) != n or len(noise_var) != n:
+            raise RuntimeError(f"adamw_step_: noise needs one noise_tensor_idx and one noise_var per param: got {n} "
+                               f"params, {len(noise_tensor_idx)} indices, {len(noise_var)} variances")
+        if len(noise_basis) not in (0, n) or len(noise_coef) != len(noise_basis):
+            raise RuntimeError("adamw_step_: noise_basis must be empty or one per param, with matching noise_coef")
+        seed = int(noise_seed) & 0xFFFFFFFFFFFFFFFF
+        for i in range(n):
+            # Drawn before anything is mutated (the oracle materialises ε; the kernels never do).
+            eps_all[i] = step_noise(
+                params[i].numel(), seed, int(noise_counter) & 0xFFFFFFFF, int(noise_tensor_idx[i]), noise_var[i],
+                noise_basis[i] if len(noise_basis) else None, noise_coef[i] if len(noise_coef) else None,
+                noise_scale, device=params[i].device,
+            )
     skip = None
     if found_inf is not None:
         skip = found_inf.reshape(()).to(device=params[0].device if n else found_inf.device) != 0
@@ -78,6 +163,15 @@ def adamw_step_(
         if grad_scale is not None:
             g = g / grad_scale.to(device=g.device, dtype=ct)
         g_signed = -g if maximize else g
+        eps_n = eps_all[i]
+        g_m = g_v = g_signed
+        if eps_n is not None:
+            e = eps_n.view(g.shape).to(ct)
+            noisy = g + e
+            if noise_mode in (1, 2):
+                g_m = -noisy if maximize else noisy
+            if noise_mode == 1:
+                g_v = g_m
 
         p32 = p.to(ct, copy=True)
         m32 = m.to(ct, copy=True)
@@ -86,8 +180,8 @@ def adamw_step_(
 
         if weight_decay != 0:
             p32.mul_(1 - lr * weight_decay)
-        m32.lerp_(g_signed, 1 - beta1)
-        v32.mul_(beta2).addcmul_(g_signed, g_signed, value=1 - beta2)
+        m32.lerp_(g_m, 1 - beta1)
+        v32.mul_(beta2).addcmul_(g_v, g_v, value=1 - beta2)
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
         step_size = lr / bc1
@@ -102,6 +196,10 @@ def adamw_step_(
             p32.addcdiv_(m32, denom * (-1.0 / step_size).to(ct))
         else:
             p32.addcdiv_(m32, denom, value=-step_size)
+        if eps_n is not None and noise_mode == 3:
+            # ζ = (η√κ · a_new) ⊙ ε, a_new = 1/denom of this step (SPEC §5 parameter space).
+            a_new_f = 1.0 / denom
+            p32.add_((float(noise_param_coef) * a_new_f) * eps_n.view(g.shape).to(ct))
 
         if stats_out is not None:
             g64 = g.to(torch.float64)

@@ -234,11 +234,15 @@ def test_grad_is_not_modified(space, into_v):
     assert close == (space == "parameter"), "gradient-space noise enters m, parameter-space noise does not"
 
 
-def test_failed_step_leaves_everything_untouched(monkeypatch):
+@pytest.mark.parametrize("in_step", [False, True])
+def test_failed_step_leaves_everything_untouched(monkeypatch, in_step):
+    # in_step=False: the Python sampler fails on the second parameter. in_step=True (the fused step draws ε): the
+    # preparation of the second parameter's kernel operands fails; either way before anything is mutated.
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(4))
     b = torch.nn.Parameter(torch.randn(3))
-    opt = pnekern.AdamW([a, b], lr=1e-2, stats="diag", noise=NoiseConfig(target=isotropic(0.5), additive=True))
+    opt = pnekern.AdamW([a, b], lr=1e-2, stats="diag",
+                        noise=NoiseConfig(target=isotropic(0.5), additive=True, in_step=in_step))
     for _ in range(2):
         opt.zero_grad()
         for _ in range(2):
@@ -251,7 +255,8 @@ def test_failed_step_leaves_everything_untouched(monkeypatch):
         (a.sum() + b.square().sum()).backward()
     import pnekern.noise.injector as injector
 
-    real, calls = injector.sample_noise, []
+    owner, name = (injector.NoiseInjector, "_kernel_operands") if in_step else (injector, "sample_noise")
+    real, calls = getattr(owner, name), []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -259,7 +264,7 @@ def test_failed_step_leaves_everything_untouched(monkeypatch):
             raise RuntimeError("simulated failure while drawing noise")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(injector, "sample_noise", failing)
+    monkeypatch.setattr(owner, name, failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
         opt.step()
     assert torch.equal(a, params[0]) and torch.equal(b, params[1])

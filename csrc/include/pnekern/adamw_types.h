@@ -16,7 +16,23 @@ struct AdamWHyper {
   double eps = 1e-8;
   bool amsgrad = false;
   bool maximize = false;
+  // In-step noise (SPEC §5), call-wide part; the per-tensor part is AdamWTensor::noise_*. ε of element e is
+  //   ε_e = (z_e · sqrt(max(δ_e, 0)) + Σ_j U[e, j] · c_j) · noise_mult        (fp32, in this order, j ascending)
+  // with z_e the Philox normal keyed (noise_seed, noise_counter, tensor_idx, e). Modes (kNoise*):
+  //   into_v:    g ← g + ε before m and v (the gradient-space default)
+  //   outside_v: m and the update use g + ε, v uses g
+  //   param:     after the update θ ← θ + noise_param_coef · a_new · ε, a_new = 1/denom of this step
+  // The statistics columns always see the clean gradient.
+  int noise_mode = 0;
+  uint64_t noise_seed = 0;
+  uint32_t noise_counter = 0;
+  bool noise_has_mult = false;  // false: no multiply (not even by 1)
+  float noise_mult = 1.0f;      // sqrt(controller scale), rounded to fp32
+  double noise_param_coef = 0.0;  // η·sqrt(κ) (param mode), rounded to fp32 once
 };
+
+// Noise modes of AdamWHyper::noise_mode.
+enum AdamWNoiseMode : int { kNoiseOff = 0, kNoiseIntoV = 1, kNoiseOutsideV = 2, kNoiseParam = 3 };
 
 // One parameter tensor. All buffers are contiguous with `numel` elements of the call's storage dtype, except
 // `sumsq` (fp32, optional). `step` is the step count *after* this step's increment (torch semantics: the first
@@ -30,6 +46,14 @@ struct AdamWTensor {
   const float* sumsq = nullptr;    // optional Σ_k x_k² buffer ("diag mode"), feeds stats column 3
   int64_t numel = 0;
   double step = 1.0;
+  // In-step noise of this tensor (see AdamWHyper); used when noise_on and the call's noise_mode != off.
+  bool noise_on = false;
+  const float* noise_var = nullptr;    // δ [numel] fp32 per-element variance; null: isotropic noise_sd
+  float noise_sd = 0.0f;               // sqrt(max(δ, 0)) of an isotropic δ (fp32 sqrt of the fp32 δ)
+  const float* noise_basis = nullptr;  // U [numel, noise_rank] fp32 row-major; null when noise_rank == 0
+  const float* noise_coef = nullptr;   // c [noise_rank] fp32 (c_j = sqrt(s_j)·z_r[j], drawn outside the kernel)
+  int64_t noise_rank = 0;
+  uint32_t noise_tensor_idx = 0;       // the Philox counter's tensor word
 };
 
 // Number of columns of a stats row; see adamw_step_cpu.

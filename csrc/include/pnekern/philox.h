@@ -112,6 +112,16 @@ PNEKERN_HD float normal(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint3
   return box_muller(uniform_open0(out.v[0]), uniform_open0(out.v[1]));
 }
 
+// Portable fp32 log/cos (no libm): bitwise identical on every ISA level and compiler; what the CPU kernels' in-step
+// noise uses (normal_poly.inc). Agrees with normal() / the reference to ~1e-6.
+#define PNEKERN_POLY_FN PNEKERN_HD
+#include "pnekern/normal_poly.inc"
+#undef PNEKERN_POLY_FN
+
+PNEKERN_HD float normal_poly(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint32_t step) {
+  return philox_normal_poly(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), elem, tensor_idx, step);
+}
+
 // The uniform in (0, 1] for the same coordinates (word 0), for dropout-like uses and for cross-backend tests.
 PNEKERN_HD float uniform(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint32_t step) {
   const U32x4 out = philox4x32_10(make_counter(elem, tensor_idx, step), make_key(seed));
