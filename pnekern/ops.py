@@ -95,6 +95,7 @@ def _cuda_usable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # environment facts: Dynamo evaluates this once instead of tracing imports
 def _triton_usable(device: torch.device) -> str | None:
     """None when the Triton kernels can run on ``device``, else why not."""
     from . import kernels
@@ -154,12 +155,14 @@ def adamw_step_(
                  [int(i) & 0xFFFFFFFF for i in noise_tensor_idx], list(noise_var), list(noise_basis),
                  list(noise_coef))
     if backend == "triton":
-        from .kernels import adamw_step as _triton_adamw
+        from .kernels import library as _triton_ops  # registers torch.ops.pnekern_triton (torch.compile-safe)
 
-        _triton_adamw.adamw_step_(
+        lr_t = lr if isinstance(lr, Tensor) else None
+        nz = noise if noise else (0, 0, 0, 0.0, None, [], [], [], [])
+        _triton_ops.adamw_step_op(
             list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), list(state_steps),
-            lr if isinstance(lr, Tensor) else float(lr), float(beta1), float(beta2), float(weight_decay),
-            float(eps), bool(amsgrad), bool(maximize), grad_scale, found_inf, list(sumsq_bufs), stats_out, *noise,
+            0.0 if lr_t is not None else float(lr), lr_t, float(beta1), float(beta2), float(weight_decay),
+            float(eps), bool(amsgrad), bool(maximize), grad_scale, found_inf, list(sumsq_bufs), stats_out, *nz,
         )
         return
     args = (
@@ -187,9 +190,9 @@ def microbatch_accumulate_(
 ) -> None:
     """Accumulate one gradient contribution's (Σx², Σa²x²) into ``acc`` [2] float64 (and ``sumsq`` += x²)."""
     if backend == "triton":
-        from .kernels import microbatch_accumulate as _triton_microbatch
+        from .kernels import library as _triton_ops
 
-        _triton_microbatch.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
+        _triton_ops.microbatch_accumulate_op(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
     elif backend == "cpp" and x.is_contiguous() and (v is None or v.is_contiguous()):
         torch.ops.pnekern.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
     else:
