@@ -1,4 +1,4 @@
-"""Command line: ``pnekern demo | icl train|eval|sweep | bench | info``."""
+"""Command line: ``pnekern demo | icl train|eval|sweep|similarity | bench | info``."""
 from __future__ import annotations
 
 import argparse
@@ -160,7 +160,8 @@ def _json_object(text: str) -> dict:
 
 
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": _optional(int),
-                "Optional[float]": _optional(float), "Optional[str]": _optional(str), "Dict[str, Any]": _json_object}
+                "Optional[float]": _optional(float), "Optional[str]": _optional(str), "Dict[str, Any]": _json_object,
+                "Optional[Dict[str, Any]]": _optional(_json_object)}
 
 
 def _add_run_config_args(p: argparse.ArgumentParser) -> None:
@@ -190,6 +191,7 @@ def _run_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"--config {args.config}: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"--config {args.config}: must hold a JSON object of RunConfig fields")
+        data.pop("comment", None)  # free-text note (the configs/ files say how they were run)
     for key, value in vars(args).items():
         if key.startswith("cfg_"):
             data[key[4:]] = value
@@ -238,9 +240,39 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_icl_spec_sweep(args: argparse.Namespace) -> int:
+    from .icl.experiments import format_experiment, load_spec, run_experiment
+
+    spec = load_spec(args.spec)
+    if args.seeds_given:
+        spec.seeds = list(args.seeds)
+        spec.validate()
+    result = run_experiment(spec, args.out, progress=not args.quiet,
+                            log=(lambda msg: None) if args.quiet else print)
+    print(format_experiment(result))
+    print(f"wrote {os.path.join(args.out, f'experiment_{spec.name}.json')}" +
+          (f", {result['figure']}" if result.get("figure") else ""))
+    return 0
+
+
+def _cmd_icl_similarity(args: argparse.Namespace) -> int:
+    from .icl.similarity_experiment import format_similarity, run_similarity
+
+    out = run_similarity(args.config_file, args.out, log=(lambda msg: None) if args.quiet else print)
+    print(format_similarity(out))
+    print(f"wrote {', '.join(out['files'].values())}")
+    return 0
+
+
 def _cmd_icl_sweep(args: argparse.Namespace) -> int:
     from .icl.runs import run_sweep
 
+    if args.spec:
+        flags = [k[4:] for k in vars(args) if k.startswith("cfg_")]
+        if args.config or flags or args.batch_sizes:
+            raise ValueError("--spec holds the whole experiment; do not combine it with --config, --batch-sizes or "
+                             f"RunConfig flags ({', '.join('--' + f.replace('_', '-') for f in flags)})")
+        return _cmd_icl_spec_sweep(args)
     cfg = _run_config(args)
     sweep = run_sweep(cfg, args.out, seeds=args.seeds, batch_sizes=args.batch_sizes, progress=not args.quiet)
     print(f"{'run':>16} {'excess/Bayes':>12} {'val loss':>9} {'P-NE':>10} {'mean T':>10} {'B_simple':>9}")
@@ -260,6 +292,10 @@ def _cmd_icl_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_icl(args: argparse.Namespace) -> int:
+    if getattr(args, "icl_cmd", None) == "sweep":
+        args.seeds_given = args.seeds is not None
+        if args.seeds is None:
+            args.seeds = [0, 1, 2]
     try:
         return args.icl_fn(args)
     except (ValueError, FileNotFoundError) as e:  # config errors: fail before training, naming the field
@@ -294,14 +330,26 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--eval-seed", type=int, default=None)
     q.add_argument("--n-boot", type=int, default=None)
     q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_eval)
-    q = icl.add_parser("sweep", help="seeds × batch sizes; resumable; writes OUT/sweep.json")
+    q = icl.add_parser("sweep", help="seeds × batch sizes, or an experiment spec (--spec configs/*.json) of named "
+                                     "conditions with Spearman/TOST/Holm; resumable; writes OUT/sweep.json or "
+                                     "OUT/experiment_<name>.json")
     q.add_argument("--out", required=True, help="sweep directory (one sub-directory per run)")
-    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--spec", default=None,
+                   help="experiment spec JSON (base RunConfig + named conditions + seeds + tests), e.g. "
+                        "configs/icl_batch_size.json; prints per-condition means, Spearman ρ vs P-NE, TOST")
+    q.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds (default 0 1 2; with --spec: overrides the spec's seeds)")
     q.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="batch sizes B (default: the config's); each must be a multiple of --micro-batches")
     q.add_argument("--quiet", action="store_true")
     _add_run_config_args(q)
     q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_sweep)
+    q = icl.add_parser("similarity", help="ZS/ICL/FT and layer-causal FT: SimAOU/SimAM/SimAMΔ per layer with "
+                                          "random-update and untrained-model controls (table, JSON, plot)")
+    q.add_argument("config_file", metavar="CONFIG", help="JSON: task, model, train, similarity sections")
+    q.add_argument("--out", default="similarity_out", help="directory for similarity.json and similarity.png")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_similarity)
 
     p = sub.add_parser(
         "bench", help="optimizer-step throughput vs torch AdamW and the bandwidth roofline; statistics overhead; "
@@ -315,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", nargs="+", default=["flat", "mixed100", "transformer"],
                    help="flat | mixed100 | transformer | tiny (default flat mixed100 transformer)")
     p.add_argument("--sections", nargs="+", default=["step", "stats"],
-                   help="step | stats | train (default step stats)")
+                   help="step | stats | train | noise (default step stats)")
     p.add_argument("--torch", nargs="+", default=["forloop", "foreach", "fused"],
                    help="torch.optim.AdamW variants: forloop foreach fused (default all)")
     p.add_argument("--backends", nargs="+", default=None,

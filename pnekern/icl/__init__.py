@@ -26,7 +26,8 @@ from .evaluate import (ErrorCurve, bootstrap_ci, error_vs_k, excess_error_over_b
                        prediction_distance, recall_accuracy)
 from .models import (GPTBackbone, LinearSelfAttention, RegressionTransformer, SequenceTransformer,
                      TransformerOutput)
-from .runs import RunConfig, evaluate_run, load_run, run_sweep, train_run, write_run_files
+from .runs import RunConfig, build_noise_config, evaluate_run, load_run, run_sweep, train_run, write_run_files
+from .experiments import ExperimentSpec, analyze_experiment, format_experiment, load_spec, run_experiment
 from .stats import SpearmanResult, TOSTResult, holm_bonferroni, spearman_with_ci, tost_two_sample
 from .tasks import (IGNORE_INDEX, ClassificationTask, CopyTask, FactualRecallTask, ICLTask, InductionTask,
                     LinearRegressionTask, RegressionBatch, SequenceBatch, SparseRegressionTask, TASK_REGISTRY,
@@ -54,7 +55,9 @@ __all__ = [
     # training
     "TrainResult", "train", "compute_loss", "warmup_cosine_factor", "check_model_task",
     # runs
-    "RunConfig", "train_run", "evaluate_run", "write_run_files", "load_run", "run_sweep",
+    "RunConfig", "train_run", "evaluate_run", "write_run_files", "load_run", "run_sweep", "build_noise_config",
+    # experiment specs (configs/icl_*.json)
+    "ExperimentSpec", "load_spec", "run_experiment", "analyze_experiment", "format_experiment",
     # statistics
     "SpearmanResult", "TOSTResult", "spearman_with_ci", "tost_two_sample", "holm_bonferroni",
     # ICL vs GD similarity, layer-causal GD

@@ -41,6 +41,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "make_curvature_probe",
+    "build_noise_config",
     "RunOutcome",
     "train_run",
     "evaluate_run",
@@ -67,8 +68,10 @@ class RunConfig:
     ``token_format`` ("pair" by default: it learns in far fewer steps than Garg et al.'s "interleaved").
     Optimization: ``pnekern.AdamW(lr, weight_decay, stats=stats, batch_size=batch_size, **optimizer_kwargs)``,
     ``steps`` updates of ``batch_size`` sequences split into ``micro_batches`` backward calls (the gradient-noise
-    statistics need ≥ 2), warm-up + cosine LR schedule. ``optimizer_kwargs`` carries noise-control options of the
-    optimizer (e.g. an injected-noise config) straight through.
+    statistics need ≥ 2), warm-up + cosine LR schedule. ``optimizer_kwargs`` carries other options of the optimizer
+    straight through. ``noise``: injected noise as a JSON object, turned into ``pnekern.NoiseConfig`` by
+    :func:`build_noise_config` (see there for the keys), e.g. ``{"emulate_batch_size": 16}`` or
+    ``{"schedule": {"kind": "concentrated", "where": "early", "mean": 2e-3}}``.
     Probe: a GGN curvature probe every ``probe_every`` steps on a fixed held-out batch of ``probe_batch``
     sequences with ``probe_vectors`` Hutchinson vectors per measurement (``probe_every=0`` turns it off). Evaluation: ``eval_samples`` fresh sequences from ``eval_seed`` (common random
     numbers for every predictor), ``n_boot`` bootstrap resamples. ``threads``: torch intra-op threads during the
@@ -93,6 +96,7 @@ class RunConfig:
     seed: int = 0
     stats: Optional[str] = "trace"
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    noise: Optional[Dict[str, Any]] = None
     probe_every: int = 100
     probe_batch: int = 256
     probe_vectors: int = 8
@@ -183,12 +187,95 @@ class RunConfig:
             raise ValueError("probe_every needs stats on (the probe feeds the optimizer's P-NE*); set probe_every=0")
         if not isinstance(self.optimizer_kwargs, dict):
             raise ValueError(f"optimizer_kwargs must be an object, got {self.optimizer_kwargs!r}")
+        if self.noise is not None:
+            if "noise" in self.optimizer_kwargs:
+                raise ValueError("give the noise config either as the noise field or in optimizer_kwargs, not both")
+            build_noise_config(self)  # validates every key and value before training
         reserved = {"params", "lr", "weight_decay", "stats", "batch_size"} & set(self.optimizer_kwargs)
         if reserved:
             raise ValueError(f"optimizer_kwargs must not set {sorted(reserved)}: they are config fields of their own")
 
 
 # ---------------------------------------------------------------------- builders
+_NOISE_KEYS = ("target", "emulate_batch_size", "additive", "space", "into_second_moment", "schedule", "metric",
+               "controller", "seed")
+_SCHEDULE_KINDS = ("constant", "ramp", "concentrated", "piecewise")
+
+
+def _build_schedule(spec: Any, steps: int) -> Any:
+    from ..noise import schedules as sch
+
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return sch.constant(float(spec))
+    if not isinstance(spec, dict) or spec.get("kind") not in _SCHEDULE_KINDS:
+        raise ValueError(f"noise.schedule must be a number or an object with kind in {_SCHEDULE_KINDS}, got {spec!r}")
+    args = {k: v for k, v in spec.items() if k != "kind"}
+    kind = spec["kind"]
+    try:
+        if kind == "constant":
+            return sch.constant(**args)
+        if kind == "ramp":
+            return sch.ramp(**args)
+        if kind == "piecewise":
+            return sch.piecewise([tuple(w) for w in args.pop("windows")], **args)
+        args.setdefault("total_steps", steps)  # equal integral over the run's planned updates
+        return sch.concentrated(**args)
+    except TypeError as e:
+        raise ValueError(f"noise.schedule {spec!r}: {e}") from None
+
+
+def build_noise_config(cfg: "RunConfig") -> Any:
+    """``pnekern.NoiseConfig`` from the JSON object ``cfg.noise`` (None when there is none).
+
+    Keys (all optional, see :class:`pnekern.NoiseConfig`): ``emulate_batch_size`` (B' ≤ batch_size; needs
+    ``stats`` "diag" or "lowrank"), ``target`` ({"isotropic": σ²} in g² per element), ``additive``, ``space``
+    ("gradient" | "parameter"), ``into_second_moment``, ``schedule`` (a number = constant target, or
+    {"kind": "constant"|"ramp"|"concentrated"|"piecewise", ...} with the arguments of
+    :mod:`pnekern.noise.schedules`; "concentrated" defaults ``total_steps`` to ``cfg.steps``), ``metric``
+    ("temperature" | "pne_star"), ``controller`` (ControllerConfig fields), ``seed`` (default ``cfg.seed``).
+    Raises ValueError naming the bad key.
+    """
+    spec = cfg.noise
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise ValueError(f"noise must be a JSON object or null, got {spec!r}")
+    unknown = sorted(set(spec) - set(_NOISE_KEYS))
+    if unknown:
+        raise ValueError(f"noise: unknown key(s) {unknown}; known: {list(_NOISE_KEYS)}")
+    from ..noise import NoiseConfig, isotropic
+    from ..noise.controller import ControllerConfig
+
+    kw = {k: v for k, v in spec.items() if k not in ("target", "schedule", "controller")}
+    kw.setdefault("seed", cfg.seed)
+    if "target" in spec:
+        t = spec["target"]
+        if not isinstance(t, dict) or set(t) != {"isotropic"}:
+            raise ValueError(f"noise.target must be {{\"isotropic\": sigma2}} in a JSON config, got {t!r}")
+        kw["target"] = isotropic(t["isotropic"])
+    if "schedule" in spec:
+        kw["schedule"] = _build_schedule(spec["schedule"], cfg.steps)
+    if "controller" in spec:
+        try:
+            kw["controller"] = ControllerConfig(**spec["controller"])
+        except TypeError as e:
+            raise ValueError(f"noise.controller: {e}") from None
+    eb = spec.get("emulate_batch_size")
+    if eb is not None:
+        if cfg.stats not in ("diag", "lowrank"):
+            raise ValueError("noise.emulate_batch_size needs stats 'diag' or 'lowrank' (it scales the measured Σ_step)")
+        if isinstance(eb, int) and not isinstance(eb, bool) and eb > cfg.batch_size:
+            raise ValueError(f"noise.emulate_batch_size ({eb}) must be <= batch_size ({cfg.batch_size}): "
+                             "a larger emulated batch needs negative noise")
+    if spec.get("target") is not None and not spec.get("additive", False) and cfg.stats not in ("diag", "lowrank"):
+        raise ValueError("noise.target without additive=true subtracts the measured Σ_step: needs stats 'diag' or "
+                         "'lowrank' (or set additive: true)")
+    try:
+        return NoiseConfig(**kw)
+    except TypeError as e:
+        raise ValueError(f"noise: {e}") from None
+
+
 def build_task(cfg: RunConfig) -> LinearRegressionTask:
     """The in-context linear regression task of ``cfg`` (β ~ N(0, I_d), y = xᵀβ + ε, ε ~ N(0, σ²))."""
     return LinearRegressionTask(cfg.d, cfg.k_max, noise_var=cfg.noise_var)
@@ -207,6 +294,9 @@ def build_optimizer(cfg: RunConfig, params: Sequence[Tensor]) -> torch.optim.Opt
     from ..optim.adamw import AdamW  # lazy: keeps `import pnekern.icl` independent of the optimizer package
 
     kwargs = dict(cfg.optimizer_kwargs)
+    noise = build_noise_config(cfg)
+    if noise is not None:
+        kwargs["noise"] = noise
     if cfg.stats is not None:
         kwargs.update(stats=cfg.stats, batch_size=cfg.batch_size)
     try:
