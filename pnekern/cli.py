@@ -264,8 +264,20 @@ def _cmd_icl_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_icl_run(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        raise ValueError("give the config once: `pnekern icl run CONFIG` (or `icl train --config CONFIG`)")
+    args.config = args.run_config
+    return _cmd_icl_train(args)
+
+
 def _cmd_icl_sweep(args: argparse.Namespace) -> int:
     from .icl.runs import run_sweep
+
+    if args.spec_file is not None:
+        if args.spec is not None:
+            raise ValueError("give the spec once: `pnekern icl sweep CONFIG` or `--spec CONFIG`, not both")
+        args.spec = args.spec_file
 
     if args.spec:
         flags = [k[4:] for k in vars(args) if k.startswith("cfg_")]
@@ -316,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("icl", help="synthetic in-context-learning harness: train | eval | sweep")
+    p = sub.add_parser("icl", help="synthetic in-context-learning harness: run | train | eval (report) | sweep | similarity")
     icl = p.add_subparsers(dest="icl_cmd", required=True)
     q = icl.add_parser("train", help="train one run (config file and/or flags) and evaluate it vs baselines")
     q.add_argument("--out", required=True, help="run directory (config.json, model.pt, report.json, ...)")
@@ -324,7 +336,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--quiet", action="store_true")
     _add_run_config_args(q)
     q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_train)
-    q = icl.add_parser("eval", help="evaluate a trained run directory against the baselines (writes eval.json)")
+    q = icl.add_parser("run", help="train and evaluate the run a config file describes: `icl run CONFIG --out DIR` "
+                                   "(= icl train --config CONFIG)")
+    q.add_argument("run_config", metavar="CONFIG", help="RunConfig JSON (e.g. configs/demo_long.json)")
+    q.add_argument("--out", required=True, help="run directory (config.json, model.pt, report.json, ...)")
+    q.add_argument("--no-eval", action="store_true", help="skip the error-vs-k evaluation")
+    q.add_argument("--quiet", action="store_true")
+    _add_run_config_args(q)
+    q.set_defaults(fn=_cmd_icl, icl_fn=_cmd_icl_run)
+    q = icl.add_parser("eval", aliases=["report"],
+                       help="evaluate a trained run directory against the baselines (writes eval.json and "
+                            "errors_vs_k.png); `report` is the same command")
     q.add_argument("run_dir")
     q.add_argument("--eval-samples", type=int, default=None)
     q.add_argument("--eval-seed", type=int, default=None)
@@ -333,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     q = icl.add_parser("sweep", help="seeds × batch sizes, or an experiment spec (--spec configs/*.json) of named "
                                      "conditions with Spearman/TOST/Holm; resumable; writes OUT/sweep.json or "
                                      "OUT/experiment_<name>.json")
+    q.add_argument("spec_file", metavar="CONFIG", nargs="?", default=None,
+                   help="experiment spec JSON, as --spec (`pnekern icl sweep configs/icl_batch_size.json --out D`)")
     q.add_argument("--out", required=True, help="sweep directory (one sub-directory per run)")
     q.add_argument("--spec", default=None,
                    help="experiment spec JSON (base RunConfig + named conditions + seeds + tests), e.g. "

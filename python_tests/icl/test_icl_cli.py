@@ -123,3 +123,25 @@ def test_icl_sweep_resumes_without_redoing_runs(tmp_path, capsys):
     assert text.count("done already") == 3 and "bs8_seed1: training" in text
     assert (out / "bs4_seed0" / "report.json").stat().st_mtime_ns == mtime
     assert json.loads((out / "sweep.json").read_text())["runs"][3]["run"] == "bs8_seed1"
+
+
+def test_icl_run_config_and_report_alias(tmp_path, capsys):
+    """`pnekern icl run CONFIG` trains what the file says; `icl report RUN_DIR` is `icl eval`; a second config errors."""
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"d": 3, "k_max": 5, "seed": 4}))
+    run = tmp_path / "run"
+    assert main(["icl", "run", str(cfg_path), "--out", str(run), *TINY[4:]]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["d"] == 3 and cfg["k_max"] == 5 and cfg["seed"] == 4
+    assert main(["icl", "report", str(run), "--eval-samples", "32", "--n-boot", "10"]) == 0
+    assert json.loads((run / "eval.json").read_text())["errors_vs_k"]["n_samples"] == 32
+    assert main(["icl", "run", str(cfg_path), "--config", str(cfg_path), "--out", str(tmp_path / "b"),
+                 *TINY[4:]]) == 2
+    assert "config once" in capsys.readouterr().err
+
+
+def test_icl_sweep_spec_given_twice_is_an_error(tmp_path, capsys):
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    assert main(["icl", "sweep", str(spec), "--spec", str(spec), "--out", str(tmp_path / "s")]) == 2
+    assert "spec once" in capsys.readouterr().err
