@@ -663,8 +663,26 @@ def train_callable(impl: str, which: str, stats: str, model_cfg: TrainModelConfi
     torch.manual_seed(seed)  # identical initial weights for every variant
     model = RegressionTransformer(t.d, t.k_max, n_layer=t.n_layer, n_head=t.n_head, d_model=t.d_model).to(device)
     params = list(model.parameters())
-    opt = (_make_torch_opt(which, params, lr) if impl == "torch"
-           else _make_pnekern_opt(which, stats, params, lr, batch_size=t.batch))
+    # End-to-end extras of the train section: "<stats>+noise" injects gradient-space noise emulating a batch 4x
+    # smaller (in-step); "<stats>+probe" attaches a GGN curvature probe (4 probes) every TRAIN_PROBE_EVERY steps.
+    base, *extras = stats.split("+")
+    if impl == "torch":
+        opt = _make_torch_opt(which, params, lr)
+    else:
+        opt = _make_pnekern_opt(which, base, params, lr, batch_size=t.batch)
+        if "noise" in extras:
+            import pnekern
+
+            s = None if base == "off" else base
+            opt = pnekern.AdamW(params, lr=lr, backend=which, stats=s, batch_size=t.batch,
+                                noise=pnekern.NoiseConfig(emulate_batch_size=max(1, t.batch // 4), seed=seed))
+        if "probe" in extras:
+            from .probes import CurvatureProbe
+
+            hx = torch.randn(t.batch, t.k_max, t.d, generator=g)
+            held = ((hx.to(device), (hx @ w).to(device)), (hx @ w).to(device))
+            opt.attach_probe(CurvatureProbe(model, torch.nn.MSELoss(), held, every=TRAIN_PROBE_EVERY, kind="ggn",
+                                            num_probes=4))
 
     def step() -> None:
         for x, y in chunks:
@@ -676,9 +694,18 @@ def train_callable(impl: str, which: str, stats: str, model_cfg: TrainModelConfi
     return step, opt, model
 
 
+#: Steps between curvature probes in the train section's "+probe" variant. 1: every timed step pays for a probe
+#: (4 GGN products on a held-out batch), so the row is the probe's full cost; with ``every=N`` a run pays 1/N of the
+#: difference to "+trace". (A larger value would only show up in the tail, not in the reported medians.)
+TRAIN_PROBE_EVERY = 1
+
+
 def _train_group(cfg: BenchConfig, threads: int) -> list[BenchRow]:
     k, dev = cfg.micro_batches, cfg.device
     specs = _variant_specs(cfg)
+    for b in cfg.backends or []:  # noise and a curvature probe on the full training step (diag / trace statistics)
+        specs += [(f"pnekern_{b}+diag+noise", "pnekern", b, "diag+noise"),
+                  (f"pnekern_{b}+trace+probe", "pnekern", b, "trace+probe")]
     fns: dict[str, Callable[[], Any]] = {}
     opts: dict[str, torch.optim.Optimizer] = {}
     numel = n_tensors = 0

@@ -106,6 +106,8 @@ def test_cli_json_schema(cli_run):
     assert step_variants == {"torch_forloop", "torch_foreach", "torch_fused", "pnekern_cpp"}
     stats_variants = {r["variant"] for r in data["rows"] if r["section"] == "stats"}
     assert stats_variants == {"torch_fused", "pnekern_cpp", "pnekern_cpp+trace", "pnekern_cpp+diag"}
+    train_variants = {r["variant"] for r in data["rows"] if r["section"] == "train"}
+    assert train_variants == stats_variants | {"pnekern_cpp+diag+noise", "pnekern_cpp+trace+probe"}
     assert all(r["threads"] == 1 and len(r["samples_s"]) == 3 and r["repeat"] == 3 for r in data["rows"])
     # Interpreter timings are never produced, even though the test suite sets TRITON_INTERPRET=1.
     assert not any(r["backend"] == "triton" for r in data["rows"])
