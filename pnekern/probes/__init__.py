@@ -1,5 +1,5 @@
 """Curvature probes (SPEC §4): Hessian / finite-difference Hessian / GGN products over a fixed batch, randomised
-trace, diagonal and eigenvalue estimators, the sampled-label GGN trace, SAM and Gaussian-perturbation sharpness, and
+trace, diagonal and eigenvalue estimators, the output-space (one vjp per probe) and sampled-label GGN traces, SAM and Gaussian-perturbation sharpness, and
 :class:`CurvatureProbe`, which an optimizer drives (``opt.attach_probe(probe)``) to log Curv_t = Tr(A Ĥ A) and P-NE*.
 
 A batch is ``(inputs, targets)`` with ``loss = loss_fn(model(inputs), targets)``; a tuple ``inputs`` is unpacked
@@ -34,6 +34,7 @@ from ._operators import (
     select_params,
     unflatten_vector,
 )
+from ._output_space import output_space_ggn_trace
 from ._probe import CurvatureProbe, ProbeResult
 from ._sharpness import local_entropy, perturbation_sharpness, sam_sharpness, sampled_label_ggn_trace
 
@@ -49,6 +50,7 @@ __all__ = [
     "flatten_tensors",
     "ggn_vp",
     "local_entropy",
+    "output_space_ggn_trace",
     "hutchinson_diag",
     "hutchinson_trace",
     "hutchpp_trace",

@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 
 from ._estimators import _check_count, _mean_stderr, hutchpp_core, quadratic_samples, weighted_operator, xtrace_core
+from ._output_space import output_space_samples
 from ._operators import CurvatureOperator, ForwardFn, fd_hvp, flatten_tensors, ggn_vp, hvp, infer_loss_kind, select_params
 from ._sharpness import sampled_label_samples
 
 __all__ = ["CurvatureProbe", "ProbeResult"]
 
 _KINDS = ("ggn", "hessian", "fd_hessian", "sampled_label")
-_ESTIMATORS = ("hutchinson", "hutchpp", "xtrace")
+_ESTIMATORS = ("output", "hutchinson", "hutchpp", "xtrace")
 
 
 @dataclass
@@ -29,16 +30,18 @@ class ProbeResult:
 
     Attributes:
         value: 0-dim float64 tensor on the parameters' device: the estimate (never synchronised with the host).
-        stderr: 0-dim float64 tensor: its standard error (Hutchinson / sampled-label: sample std/√k; Hutch++: of the
-            residual term; XTrace: the paper's error estimate).
+        stderr: 0-dim float64 tensor: its standard error (output-space / Hutchinson / sampled-label: sample std/√k;
+            Hutch++: of the residual term; XTrace: the paper's error estimate).
         nonpositive: 0-dim bool tensor, ``value <= 0``. For a Hessian (kind "hessian"/"fd_hessian") this flags a
             measurement that makes P-NE* = NE/Curv meaningless (SPEC §3); a GGN estimate is ≥ 0 by construction.
         kind, estimator: what was estimated and how.
-        num_matvecs: operator products (or label-sample backwards) used.
+        num_matvecs: operator products (GGN: one jvp + one vjp each), or backwards (vjps) for the output-space and
+            sampled-label estimators.
         index: 0-based count of this probe's measurements; ``batch_index``: which held-out batch was used.
         mode: "eval" or "train": the module mode the model was evaluated in (restored afterwards).
         seed: seed of the probe generator (and of the global RNG replayed for the model's own randomness).
-        per_param: per-parameter ``{"value", "stderr"}`` 0-dim tensors (Hutchinson / sampled-label), else None.
+        per_param: per-parameter ``{"value", "stderr"}`` 0-dim tensors (output-space / Hutchinson / sampled-label),
+            else None.
     """
 
     value: Tensor
@@ -91,8 +94,11 @@ class CurvatureProbe:
         kind: Ĥ: "ggn" (Jᵀ Λ J, PSD, default), "hessian" (double backward), "fd_hessian" (finite differences of
             gradients: models without double backward) or "sampled_label" (GGN from labels drawn from the model,
             one backward per sample, no product needed).
-        estimator: "hutchinson" (default; one product at v = A z per probe), "hutchpp" or "xtrace" (need
-            num_probes ≥ 3 / 4 and are for PSD kinds); ignored by "sampled_label".
+        estimator: None picks "output" for kind "ggn" and "hutchinson" for the Hessian kinds. "output" (GGN only):
+            output-space Hutchinson, ‖A Jᵀ L ξ‖² with Λ = L Lᵀ and Rademacher ξ over the model outputs: one backward
+            (vjp) per probe and one shared forward, no jvp (see :func:`pnekern.probes.output_space_ggn_trace`).
+            "hutchinson": parameter-space, one operator product at v = A z per probe (GGN: jvp + vjp). "hutchpp" or
+            "xtrace" (need num_probes ≥ 3 / 4 and are for PSD kinds). Ignored by "sampled_label".
         num_probes: products (or label samples) per measurement.
         params: the parameters probed (default: all with requires_grad); ``probe.params`` is what the optimizer
             builds A for.
@@ -102,6 +108,15 @@ class CurvatureProbe:
         loss: "mse" / "ce" for the GGN/sampled-label kinds (None: inferred from the criterion's type).
         forward: ``forward(model, inputs) -> output`` replacing the call to the model.
         fd_step: finite-difference step multiplier for kind "fd_hessian" (None: automatic).
+        rows_per_probe: estimator "output" only. None (default): every probe uses the whole batch. An int m: each
+            probe draws its own m of the batch's N examples (leading dimension of targets and input tensors) and is
+            scaled by N/m: still unbiased for the whole batch, probes still i.i.d. (calibrated stderr), cost per
+            probe ∝ m; all probes' sub-batches run as one vmapped forward + backward. "auto": m = ⌈N/num_probes⌉, so
+            a measurement costs about one forward + backward over the N rows whatever num_probes (the cheap setting
+            the ICL runs and the benchmark use). Needs examples that do not interact (no train-mode BatchNorm).
+        vectorize, probe_chunk: estimator "output": batch probes with vmap (None: automatic, see
+            :func:`pnekern.probes.output_space_ggn_trace`) and at most ``probe_chunk`` probes per batched call
+            (None: all, unless chunk × num_params > 2^25).
         nonpositive: "keep" reports a Hessian estimate ≤ 0 as is (flagged in the result); "nan" replaces it by NaN
             so downstream ratios (P-NE*) are visibly undefined.
     """
@@ -114,7 +129,7 @@ class CurvatureProbe:
         *,
         every: int = 100,
         kind: str = "ggn",
-        estimator: str = "hutchinson",
+        estimator: str | None = None,
         num_probes: int = 16,
         params: Sequence[Tensor] | None = None,
         seed: int = 0,
@@ -123,6 +138,9 @@ class CurvatureProbe:
         forward: ForwardFn | None = None,
         fd_step: float | None = None,
         nonpositive: str = "keep",
+        rows_per_probe: int | str | None = None,
+        vectorize: bool | None = None,
+        probe_chunk: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -130,10 +148,22 @@ class CurvatureProbe:
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if estimator is None:
+            estimator = "output" if kind == "ggn" else "hutchinson"
         if estimator not in _ESTIMATORS:
             raise ValueError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
         _check_count("every", every, 1)
         _check_count("num_probes", num_probes, {"hutchpp": 3, "xtrace": 4}.get(estimator, 1) if kind != "sampled_label" else 1)
+        if estimator == "output" and kind not in ("ggn", "sampled_label"):
+            raise ValueError(f"estimator='output' estimates the GGN (kind='ggn'), not kind={kind!r}")
+        if rows_per_probe is not None and rows_per_probe != "auto":
+            _check_count("rows_per_probe", rows_per_probe, 1)
+        if (rows_per_probe is not None or vectorize is not None or probe_chunk is not None) and estimator != "output":
+            raise ValueError("rows_per_probe / vectorize / probe_chunk apply to estimator='output' only")
+        if vectorize is not None and not isinstance(vectorize, bool):
+            raise ValueError(f"vectorize must be a bool or None, got {vectorize!r}")
+        if probe_chunk is not None:
+            _check_count("probe_chunk", probe_chunk, 1)
         if kind in ("hessian", "fd_hessian") and estimator != "hutchinson":
             raise ValueError(
                 f"estimator={estimator!r} assumes a PSD operator; with kind={kind!r} (indefinite) use 'hutchinson'"
@@ -163,6 +193,9 @@ class CurvatureProbe:
         self.forward = forward
         self.fd_step = fd_step
         self.nonpositive = nonpositive
+        self.rows_per_probe = rows_per_probe
+        self.vectorize = vectorize
+        self.probe_chunk = probe_chunk
         self.num_measurements = 0
         self.last: ProbeResult | None = None
         devices = {p.device for p in self.params}
@@ -207,6 +240,14 @@ class CurvatureProbe:
             )
             mean, se = _mean_stderr(blocks.sum(0))
             return mean, se, self.num_probes, blocks, {}
+        if self.estimator == "output":
+            blocks, meta = output_space_samples(
+                self.model, self.loss_fn, batch, loss=self.loss, a=a, num_probes=self.num_probes, generator=gen,
+                params=self.params, forward=self.forward, rows_per_probe=self.rows_per_probe,
+                vectorize=self.vectorize, chunk_size=self.probe_chunk,
+            )
+            mean, se = _mean_stderr(blocks.sum(0))
+            return mean, se, self.num_probes, blocks, meta
         op = self._operator(batch)
         if self.estimator == "hutchinson":
             blocks = quadratic_samples(op, a, self.num_probes, gen)
@@ -221,7 +262,7 @@ class CurvatureProbe:
         """Estimate Tr(A Ĥ A) on the next held-out batch; ``precond`` is A's diagonal a, per parameter (aligned with
         ``probe.params``, e.g. ``opt.preconditioner(probe.params)``) or flat, None for A = I.
 
-        No host synchronisation for the Hutchinson and sampled-label paths (XTrace/Hutch++ run small QRs). The
+        No host synchronisation for the output-space, Hutchinson and sampled-label paths (XTrace/Hutch++ run small QRs). The
         model's parameters, ``.grad``, tensor hooks, module modes, buffers and the global RNG are left as found.
         """
         a = self._flat_precond(precond)
