@@ -16,7 +16,9 @@ so slow drifts of a shared machine hit all of them alike):
   ``noise_off`` of the same backend (the ≤ 1.15 target of the in-step noise). ε is generated per element from the
   Philox stream inside the kernel (no ε tensor).
 * ``train``    — a full training step (forward + backward of K micro-batches + step) of a small GPT-style
-  regression transformer (the demo's model family): torch fused vs pnekern stats off/trace/diag.
+  regression transformer (the demo's model family): torch fused vs pnekern stats off/trace/diag, plus in-step noise
+  (``+diag+noise``) and a GGN curvature probe (``+trace+probe``: 16 output-space probes run on *every* timed step;
+  ``probe_overhead_every100`` = (t − t_trace)/100 / t_trace is what it adds at the issue's every=100).
 
 Bytes moved (fp32, per parameter; DRAM traffic, counting the line a pure write allocates):
     step 28 (read p, g, m, v; write p, m, v) · noise +4 (δ) or +20 (δ, U r=4) · copy 12 (read b, write+allocate a) · triad 16 (read b, c; write+allocate a)
@@ -388,6 +390,7 @@ class BenchRow:
     step_phase_s: float | None = None           # stats: median of opt.step() alone inside the timed calls
     step_phase_ratio_to_off: float | None = None  # stats: step_phase_s / that of the same backend with stats off
     memory_bytes: int | None = None             # held between steps: params, grads, optimizer + statistics state
+    probe_overhead_every100: float | None = None  # train "+probe" (probe on every step): (t − t_trace)/100 / t_trace
     samples_s: list[float] = field(default_factory=list)
 
 
@@ -664,7 +667,8 @@ def train_callable(impl: str, which: str, stats: str, model_cfg: TrainModelConfi
     model = RegressionTransformer(t.d, t.k_max, n_layer=t.n_layer, n_head=t.n_head, d_model=t.d_model).to(device)
     params = list(model.parameters())
     # End-to-end extras of the train section: "<stats>+noise" injects gradient-space noise emulating a batch 4x
-    # smaller (in-step); "<stats>+probe" attaches a GGN curvature probe (4 probes) every TRAIN_PROBE_EVERY steps.
+    # smaller (in-step); "<stats>+probe" attaches the issue's GGN curvature probe (TRAIN_PROBE_NUM_PROBES output-space
+    # probes on random sub-batches of a held-out batch as large as the training batch) every TRAIN_PROBE_EVERY steps.
     base, *extras = stats.split("+")
     if impl == "torch":
         opt = _make_torch_opt(which, params, lr)
@@ -682,7 +686,8 @@ def train_callable(impl: str, which: str, stats: str, model_cfg: TrainModelConfi
             hx = torch.randn(t.batch, t.k_max, t.d, generator=g)
             held = ((hx.to(device), (hx @ w).to(device)), (hx @ w).to(device))
             opt.attach_probe(CurvatureProbe(model, torch.nn.MSELoss(), held, every=TRAIN_PROBE_EVERY, kind="ggn",
-                                            num_probes=4))
+                                            estimator="output", rows_per_probe="auto",
+                                            num_probes=TRAIN_PROBE_NUM_PROBES))
 
     def step() -> None:
         for x, y in chunks:
@@ -694,10 +699,16 @@ def train_callable(impl: str, which: str, stats: str, model_cfg: TrainModelConfi
     return step, opt, model
 
 
-#: Steps between curvature probes in the train section's "+probe" variant. 1: every timed step pays for a probe
-#: (4 GGN products on a held-out batch), so the row is the probe's full cost; with ``every=N`` a run pays 1/N of the
-#: difference to "+trace". (A larger value would only show up in the tail, not in the reported medians.)
+#: Steps between curvature probes in the train section's "+probe" variant. 1: every timed step pays for one probe
+#: measurement (TRAIN_PROBE_NUM_PROBES output-space GGN probes, ⌈batch/probes⌉ held-out sequences each, one vmapped
+#: forward + backward), so the row is the probe's full cost; with ``every=N`` a run pays 1/N of the difference to
+#: "+trace". (A larger value would only show up in the tail, not in the reported medians.) The row's
+#: ``probe_overhead_every100`` is that share for the issue's configuration, every=100: (t − t_trace)/100 / t_trace.
 TRAIN_PROBE_EVERY = 1
+#: Probes per measurement in the "+probe" variant (the issue's "16 probes every 100 steps").
+TRAIN_PROBE_NUM_PROBES = 16
+#: The probe interval whose overhead ``probe_overhead_every100`` reports.
+TRAIN_PROBE_REPORT_EVERY = 100
 
 
 def _train_group(cfg: BenchConfig, threads: int) -> list[BenchRow]:
@@ -717,6 +728,12 @@ def _train_group(cfg: BenchConfig, threads: int) -> list[BenchRow]:
     rows = [_row("train", name, impl, which, s, "model", numel, n_tensors, threads, k, samples[name], inner[name],
                  None, _held_bytes(opts[name])) for name, impl, which, s in specs]
     _finish_group(rows, None)
+    by = {r.variant: r for r in rows}
+    for r in rows:
+        base = by.get(r.variant[: -len("+probe")]) if r.variant.endswith("+probe") else None
+        if base is not None:
+            # The probe runs on every timed step (TRAIN_PROBE_EVERY = 1): at every=100 a run pays 1/100 of it.
+            r.probe_overhead_every100 = (r.median_s - base.median_s) / TRAIN_PROBE_REPORT_EVERY / base.median_s
     return rows
 
 
@@ -899,6 +916,14 @@ def format_tables(rows: list[BenchRow]) -> str:
                 "| threads | variant | median ms | p10–p90 ms | × torch fused | × off |", "|---:|---|---:|---:|---:|---:|"]
         out += [f"| {r.threads} | {r.variant} | {r.median_s * 1e3:.2f} | {r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f} | "
                 f"{_fmt(r.ratio_to_torch_fused, '.3f')} | {_fmt(r.ratio_to_off, '.3f')} |" for r in tr]
+        pr = [r for r in tr if r.probe_overhead_every100 is not None]
+        if pr:
+            n = TRAIN_PROBE_NUM_PROBES
+            out += ["", f"'+probe' runs a GGN CurvatureProbe measurement ({n} output-space probes, each on its own "
+                    f"random ⌈batch/{n}⌉ of a held-out batch of the training batch's size; one vmapped "
+                    "forward + backward) on every timed step; at every=100 that adds (t − t_trace)/100 / t_trace = "
+                    + ", ".join(f"{100 * r.probe_overhead_every100:+.2f}% ({r.threads} thr)" for r in pr)
+                    + " to the training step."]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -73,7 +73,8 @@ class RunConfig:
     :func:`build_noise_config` (see there for the keys), e.g. ``{"emulate_batch_size": 16}`` or
     ``{"schedule": {"kind": "concentrated", "where": "early", "mean": 2e-3}}``.
     Probe: a GGN curvature probe every ``probe_every`` steps on a fixed held-out batch of ``probe_batch``
-    sequences with ``probe_vectors`` Hutchinson vectors per measurement (``probe_every=0`` turns it off). Evaluation: ``eval_samples`` fresh sequences from ``eval_seed`` (common random
+    sequences with ``probe_vectors`` output-space probes per measurement, each on its own random
+    ⌈probe_batch/probe_vectors⌉ of those sequences (``probe_every=0`` turns it off). Evaluation: ``eval_samples`` fresh sequences from ``eval_seed`` (common random
     numbers for every predictor), ``n_boot`` bootstrap resamples. ``threads``: torch intra-op threads during the
     run (None leaves the setting alone; tiny models run fastest on 1).
     """
@@ -336,7 +337,8 @@ def make_curvature_probe(model: nn.Module, task: LinearRegressionTask,
         the kind, for the report.
     """
     info: Dict[str, Any] = {"every": cfg.probe_every, "kind": "ggn", "batch": cfg.probe_batch,
-                            "num_probes": cfg.probe_vectors, "estimator": "hutchinson",
+                            "num_probes": cfg.probe_vectors, "estimator": "output",
+                            "rows_per_probe": -(-cfg.probe_batch // cfg.probe_vectors),
                             "batch_seed": cfg.seed + 2, "loss": "mse (mean over positions)"}
     if not cfg.probe_every:
         return None, dict(info, status="off")
@@ -349,8 +351,11 @@ def make_curvature_probe(model: nn.Module, task: LinearRegressionTask,
     adapter = RegressionProbeAdapter(model)
     probe_batch = (RegressionProbeAdapter.pack(batch.xs, batch.ys), batch.ys)
     try:
+        # Output-space GGN probes, each on its own random ⌈probe_batch/probe_vectors⌉ held-out sequences (unbiased
+        # for the whole held-out batch, i.i.d. probes): one measurement ≈ one forward + backward over probe_batch.
         probe = CurvatureProbe(adapter, nn.MSELoss(), probe_batch, every=cfg.probe_every, kind="ggn",
-                               num_probes=cfg.probe_vectors, seed=cfg.seed)
+                               estimator="output", rows_per_probe="auto", num_probes=cfg.probe_vectors,
+                               seed=cfg.seed)
     except Exception as e:  # an interface mismatch must not kill the run: report it instead
         return None, dict(info, status="unavailable", reason=f"CurvatureProbe(...) failed: {type(e).__name__}: {e}")
     return probe, dict(info, status="attached")
