@@ -456,8 +456,8 @@ class AdamW(torch.optim.AdamW):
                     **(noise.kernel_args(b["orig"]) if noise is not None else {}),
                 )
                 if stats_out is not None:
-                    for i, p in enumerate(b["orig"]):
-                        rows[id(p)] = stats_out[i]
+                    # unbind: all row views in one call (100 Python-level stats_out[i] cost ~0.1 ms more per step)
+                    rows.update(zip(map(id, b["orig"]), stats_out.unbind(0)))
         if noise is not None:
             noise.after_update(rows, found_inf)
         if stats is not None:
