@@ -69,6 +69,7 @@ struct AdamWCall {
   std::vector<AdamWTensor> tensors;
   bool skip = false;  // found_inf != 0
   std::optional<float> grad_scale;
+  int stats_cols = kAdamWStatsCols;  // stats_out's width: all four sums, or the two of trace mode
 };
 
 AdamWCall prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -124,8 +125,11 @@ AdamWCall prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorL
   if (stats_out.has_value()) {
     const at::Tensor& st = *stats_out;
     TORCH_CHECK(st.scalar_type() == at::kDouble, op, ": stats_out must be float64, got ", st.scalar_type());
-    TORCH_CHECK(st.dim() == 2 && st.size(0) == static_cast<int64_t>(n) && st.size(1) == kAdamWStatsCols, op,
-                ": stats_out must have shape [", n, ", ", kAdamWStatsCols, "], got ", st.sizes());
+    TORCH_CHECK(st.dim() == 2 && st.size(0) == static_cast<int64_t>(n) &&
+                    (st.size(1) == kAdamWStatsCols || st.size(1) == kAdamWTraceStatsCols),
+                op, ": stats_out must have shape [", n, ", ", kAdamWStatsCols, "] (all sums) or [", n, ", ",
+                kAdamWTraceStatsCols, "] (Σ g² and Σ a_prev² g² only), got ", st.sizes());
+    call.stats_cols = static_cast<int>(st.size(1));
     TORCH_CHECK(st.is_contiguous(), op, ": stats_out must be contiguous");
     TORCH_CHECK(st.device() == device, op, ": stats_out is on ", st.device(), " but params are on ", device);
   }
@@ -270,6 +274,7 @@ void adamw_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
                                  grad_scale, found_inf, sumsq_bufs, stats_out);
   double* stats = stats_out.has_value() ? stats_out->data_ptr<double>() : nullptr;
   AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
+  hyper.stats_cols = call.stats_cols;
   // Validated (and raising) before anything but the skipped-step bookkeeping happens; a found_inf step ignores it.
   apply_noise(NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
                         noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
@@ -350,8 +355,9 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   const size_t ws_bytes = adamw_cuda_workspace_bytes(call.tensors.data(), static_cast<int64_t>(call.tensors.size()));
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes)}, params[0].options().dtype(at::kByte));
-  adamw_step_cuda(call.dtype, call.tensors.data(), static_cast<int64_t>(call.tensors.size()),
-                  make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize),
+  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
+  hyper.stats_cols = call.stats_cols;
+  adamw_step_cuda(call.dtype, call.tensors.data(), static_cast<int64_t>(call.tensors.size()), hyper,
                   scale_dev.has_value() ? scale_dev->data_ptr<float>() : nullptr, /*found_inf=*/nullptr,
                   stats_out.has_value() ? stats_out->data_ptr<double>() : nullptr, workspace.data_ptr(), ws_bytes,
                   c10::cuda::getCurrentCUDAStream().stream());

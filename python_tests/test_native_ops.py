@@ -211,7 +211,10 @@ def _stats_reference(g, v_prev, v_new, step, hp, q):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("with_sumsq", [False, True])
-def test_stats_out_matches_float64(ops, amsgrad, with_sumsq):
+@pytest.mark.parametrize("ncols", [4, 2])
+def test_stats_out_matches_float64(ops, amsgrad, with_sumsq, ncols):
+    # ncols 2 (trace mode): only Σ g² and Σ a_prev² g², from the kernel's divider-light loop from step 2 on (step 1
+    # has a_prev = 1 and takes the full loop).
     gen = torch.Generator().manual_seed(4)
     hp = _hp(amsgrad, maximize=True)
     st = _make_state(SIZES, torch.float32, gen, amsgrad)
@@ -220,16 +223,30 @@ def test_stats_out_matches_float64(ops, amsgrad, with_sumsq):
         grads = [torch.randn(n, generator=gen) for n in SIZES]
         sumsq = [torch.rand(n, generator=gen) for n in SIZES] if with_sumsq else []
         v_prev = [t.clone() for t in (st["max_exp_avg_sqs"] if amsgrad else st["exp_avg_sqs"])]
-        stats = torch.full((len(SIZES), 4), float("nan"), dtype=torch.float64)  # poison: every cell must be written
+        stats = torch.full((len(SIZES), ncols), float("nan"), dtype=torch.float64)  # poison: every cell is written
         _native_step(ops, st, [g * scale for g in grads], hp, grad_scale=torch.tensor(scale), sumsq_bufs=sumsq,
                      stats_out=stats)
         v_new = st["max_exp_avg_sqs"] if amsgrad else st["exp_avg_sqs"]
         for i in range(len(SIZES)):
             want = _stats_reference(grads[i], v_prev[i], v_new[i], step, hp, sumsq[i] if with_sumsq else None)
-            torch.testing.assert_close(stats[i], want, rtol=1e-5, atol=0.0, msg=f"step {step} tensor {i}")
+            torch.testing.assert_close(stats[i], want[:ncols], rtol=1e-5, atol=0.0, msg=f"step {step} tensor {i}")
 
 
-def test_stats_deterministic_across_thread_counts(ops):
+def test_trace_stats_rows_skip_and_shape(ops):
+    # A found_inf step zeroes a 2-column row like a 4-column one; a width other than 2 or 4 is rejected by name.
+    gen = torch.Generator().manual_seed(6)
+    st = _make_state(SIZES, torch.float32, gen, False)
+    grads = [torch.randn(n, generator=gen) for n in SIZES]
+    stats = torch.full((len(SIZES), 2), float("nan"), dtype=torch.float64)
+    _native_step(ops, st, grads, _hp(), found_inf=torch.tensor(1.0), stats_out=stats)
+    assert torch.equal(stats, torch.zeros_like(stats))
+    with pytest.raises(RuntimeError, match=r"stats_out must have shape .*\[2, 4\].*\[2, 2\]"):
+        _native_step(ops, _make_state(SIZES[:2], torch.float32, gen, False), grads[:2], _hp(),
+                     stats_out=torch.empty(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("ncols", [4, 2])
+def test_stats_deterministic_across_thread_counts(ops, ncols):
     gen = torch.Generator().manual_seed(5)
     hp = _hp()
     sizes = (300001, 5, 131072)
@@ -241,12 +258,13 @@ def test_stats_deterministic_across_thread_counts(ops):
     try:
         for nthreads, st in ((1, st1), (2, st2)):
             torch.set_num_threads(nthreads)
-            stats = torch.empty(len(sizes), 4, dtype=torch.float64)
-            _native_step(ops, st, [g.clone() for g in grads], hp, stats_out=stats)
-            out.append(stats)
+            for _ in range(2):  # step 2 has a previous state (the trace loop)
+                stats = torch.empty(len(sizes), ncols, dtype=torch.float64)
+                _native_step(ops, st, [g.clone() for g in grads], hp, stats_out=stats)
+                out.append(stats)
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(out[0], out[1])
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3])
     for a, b in zip(st1["params"], st2["params"]):
         assert torch.equal(a, b)
 
@@ -393,7 +411,9 @@ def test_cpu_isa_info_and_bad_level_is_rejected(ops):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad):
+@pytest.mark.parametrize("ncols", [4, 2])
+def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad, ncols):
+    # ncols 2 without sumsq buffers runs the trace-only stats loop.
     mod = importlib.import_module("pnekern._C")
     levels = _isa_levels()
     before = mod.cpu_isa()
@@ -410,8 +430,8 @@ def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad):
                 grads = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
                 sumsq = [torch.rand(n, generator=gen) for n in sizes]
                 ops.microbatch_accumulate_(acc, grads[-1], st["exp_avg_sqs"][-1], 1.3, 1e-8, 0.5, sumsq[-1])
-                stats = torch.empty(len(sizes), 4, dtype=torch.float64)
-                _native_step(ops, st, grads, hp, sumsq_bufs=sumsq, stats_out=stats)
+                stats = torch.empty(len(sizes), ncols, dtype=torch.float64)
+                _native_step(ops, st, grads, hp, sumsq_bufs=sumsq if ncols == 4 else [], stats_out=stats)
                 stats_rows.append(stats)
             results[level] = [*st["params"], *st["exp_avgs"], *st["exp_avg_sqs"], *st["max_exp_avg_sqs"],
                               *stats_rows, acc]

@@ -57,6 +57,8 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   const Chunk* chunk_list = chunks.data();
   double* partial_base = partials.data();
   const TensorCoeffs* coeff_list = coeffs.data();
+  const int cols = h.stats_cols;
+  const bool trace_only = cols == kAdamWTraceStatsCols;
 
   // Static schedule: chunks are equal-sized, so contiguous blocks of chunks balance well and each thread streams
   // through neighbouring memory.
@@ -67,7 +69,11 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     const Chunk& ch = chunk_list[ci];
     const AdamWTensor& t = tensors[ch.tensor];
-    const int stats_mode = stats == nullptr ? kNoStats : (t.sumsq != nullptr ? kStatsWithSumsq : kStats);
+    // Trace rows skip a_new; at step 1 (a_prev = 1) the full loop gives column 1 = column 0 exactly.
+    const int stats_mode = stats == nullptr                                     ? kNoStats
+                           : t.sumsq != nullptr                                 ? kStatsWithSumsq
+                           : trace_only && coeff_list[ch.tensor].has_prev       ? kStatsTrace
+                                                                                : kStats;
     double* partial = stats ? partial_base + ci * kAdamWStatsCols : nullptr;
     run_chunk(s, stats_mode, t, coeff_list[ch.tensor], ch.begin, ch.end, partial);
   }
@@ -75,11 +81,10 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   if (stats) {
     // Fixed-order second stage: chunks of a tensor are consecutive in `chunks`, so summing in list order is
     // deterministic and independent of how chunks were assigned to threads.
-    for (int64_t ti = 0; ti < ntensors; ++ti)
-      for (int k = 0; k < kAdamWStatsCols; ++k) stats[ti * kAdamWStatsCols + k] = 0.0;
+    for (int64_t i = 0; i < ntensors * cols; ++i) stats[i] = 0.0;
     for (int64_t ci = 0; ci < nchunks; ++ci) {
-      double* row = stats + chunks[ci].tensor * kAdamWStatsCols;
-      for (int k = 0; k < kAdamWStatsCols; ++k) row[k] += partials[ci * kAdamWStatsCols + k];
+      double* row = stats + chunks[ci].tensor * cols;
+      for (int k = 0; k < cols; ++k) row[k] += partials[ci * kAdamWStatsCols + k];
     }
   }
 }
@@ -89,6 +94,9 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
 void adamw_step_cpu(DType dtype, const AdamWTensor* tensors, int64_t ntensors, const AdamWHyper& hyper,
                     const float* grad_scale, const float* found_inf, double* stats, int nthreads) {
   PNEKERN_CHECK(ntensors >= 0, "ntensors must be >= 0, got " << ntensors);
+  PNEKERN_CHECK(hyper.stats_cols == kAdamWStatsCols || hyper.stats_cols == kAdamWTraceStatsCols,
+                "stats_cols must be " << kAdamWStatsCols << " or " << kAdamWTraceStatsCols << ", got "
+                                      << hyper.stats_cols);
   PNEKERN_CHECK(ntensors == 0 || tensors != nullptr, "tensors is null");
   for (int64_t i = 0; i < ntensors; ++i) {
     const AdamWTensor& t = tensors[i];
@@ -105,7 +113,7 @@ void adamw_step_cpu(DType dtype, const AdamWTensor* tensors, int64_t ntensors, c
   if (found_inf != nullptr && *found_inf != 0.0f) {
     // A skipped (inf/nan) step changes nothing; the stats of a step that did not happen are zero, not stale.
     if (stats)
-      for (int64_t i = 0; i < ntensors * kAdamWStatsCols; ++i) stats[i] = 0.0;
+      for (int64_t i = 0; i < ntensors * hyper.stats_cols; ++i) stats[i] = 0.0;
     return;
   }
   PNEKERN_CHECK(hyper.noise_mode >= kNoiseOff && hyper.noise_mode <= kNoiseParam,

@@ -14,8 +14,11 @@
 
 namespace pnekern {
 
-// Statistics mode of an AdamW chunk: none, the three gradient sums, or those plus Σ a_new² q (a sumsq buffer exists).
-enum AdamWStatsMode : int { kNoStats = 0, kStats = 1, kStatsWithSumsq = 2 };
+// Statistics mode of an AdamW chunk: none, the three gradient sums, those plus Σ a_new² q (a sumsq buffer exists), or
+// only Σ g² and Σ a_prev² g² (trace mode's two columns; partial[2..3] are written as 0). kStatsTrace is the cheap
+// one: no a_new, no blend, a_prev = 1/d_prev from one division. The driver uses kStats for it when there is no
+// previous state (a_prev = 1), so kStatsTrace may assume has_prev.
+enum AdamWStatsMode : int { kNoStats = 0, kStats = 1, kStatsWithSumsq = 2, kStatsTrace = 3 };
 
 // Call-wide AdamW scalars, already rounded to fp32 the way torch rounds them.
 struct AdamWScalars {

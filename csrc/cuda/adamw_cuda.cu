@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
 // fixed tree combines threads, so the result depends only on the chunk count.
 __global__ void __launch_bounds__(kAdamWCudaThreads)
     adamw_stats_finalize_kernel(const DevTensor* __restrict__ tensors, const double* __restrict__ partials,
-                                double* __restrict__ stats) {
+                                double* __restrict__ stats, int cols) {
   __shared__ double shared[kAdamWStatsCols][kAdamWCudaThreads];
   const DevTensor& t = tensors[blockIdx.x];
   double acc[kAdamWStatsCols] = {0.0, 0.0, 0.0, 0.0};
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
     for (int k = 0; k < kAdamWStatsCols; ++k) acc[k] += partials[(t.first_chunk + c) * kAdamWStatsCols + k];
   block_sum4<kAdamWCudaThreads>(acc, shared);
   if (threadIdx.x == 0)
-    for (int k = 0; k < kAdamWStatsCols; ++k) stats[blockIdx.x * kAdamWStatsCols + k] = acc[k];
+    for (int k = 0; k < cols; ++k) stats[blockIdx.x * cols + k] = acc[k];
 }
 
 template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>
@@ -214,6 +214,12 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
                      const float* grad_scale, const float* found_inf, double* stats, void* workspace,
                      size_t workspace_bytes, cudaStream_t stream) {
   if (ntensors <= 0) return;
+  if (hyper.stats_cols != kAdamWStatsCols && hyper.stats_cols != kAdamWTraceStatsCols) {
+    std::ostringstream os;
+    os << "adamw_step_cuda: stats_cols must be " << kAdamWStatsCols << " or " << kAdamWTraceStatsCols << ", got "
+       << hyper.stats_cols;
+    throw std::invalid_argument(os.str());
+  }
   const int64_t nchunks = count_chunks(tensors, ntensors);
   const WorkspaceLayout l = layout_for(ntensors, nchunks);
   if (workspace == nullptr || workspace_bytes < l.total) {
@@ -285,9 +291,10 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
     PNEKERN_CUDA_CHECK(cudaGetLastError());
   }
   if (want_stats) {
-    // Tensors with zero chunks (numel 0) still get a zero row from the finalize kernel.
-    adamw_stats_finalize_kernel<<<static_cast<unsigned>(ntensors), kAdamWCudaThreads, 0, stream>>>(dt, partials,
-                                                                                                   stats);
+    // Tensors with zero chunks (numel 0) still get a zero row from the finalize kernel. A trace-only row
+    // (stats_cols 2) keeps the first two sums: the GPU step is bandwidth-bound, so computing all four costs nothing.
+    adamw_stats_finalize_kernel<<<static_cast<unsigned>(ntensors), kAdamWCudaThreads, 0, stream>>>(
+        dt, partials, stats, hyper.stats_cols);
     PNEKERN_CUDA_CHECK(cudaGetLastError());
   }
 }

@@ -21,7 +21,7 @@ size_t adamw_cuda_workspace_bytes(const AdamWTensor* tensors, int64_t ntensors);
 
 // tensors: host array whose pointers (param, grad, state, sumsq) are device pointers. grad_scale, found_inf:
 // optional device pointers to one float (found_inf != 0 -> the kernels change nothing and zero the stats; the
-// caller decides whether the step counts). stats: optional device [ntensors][4] doubles, overwritten.
+// caller decides whether the step counts). stats: optional device [ntensors][hyper.stats_cols] doubles, overwritten.
 // workspace: device memory of at least adamw_cuda_workspace_bytes(...). Everything is enqueued on `stream`; the
 // host table is copied with cudaMemcpyAsync from pageable memory, which is staged before the call returns, so
 // `tensors` need not outlive the call. Throws std::runtime_error on a CUDA error.

@@ -139,9 +139,11 @@ bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 template <typename T>
-void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats) {
+void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats, int cols = kAdamWStatsCols) {
+  // cols == kAdamWTraceStatsCols: trace rows (Σ g², Σ a_prev² g²) and no sumsq buffers, i.e. the trace-only loop.
   std::mt19937_64 rng(1234);
   AdamWHyper h;
+  h.stats_cols = cols;
   h.lr = 1e-2;
   h.beta1 = 0.9;
   h.beta2 = 0.999;
@@ -156,7 +158,7 @@ void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats)
   ref = kern;
   const std::string ctx = std::string(dtype_name(dtype)) + " amsgrad=" + std::to_string(var.amsgrad) +
                           " maximize=" + std::to_string(var.maximize) + " wd=" + std::to_string(var.weight_decay) +
-                          " grad_scale=" + std::to_string(var.grad_scale);
+                          " grad_scale=" + std::to_string(var.grad_scale) + " cols=" + std::to_string(cols);
   const size_t nt = kSizes.size();
   for (int it = 0; it < 5; ++it) {
     const bool inf_step = it == 2;  // a GradScaler-skipped step in the middle
@@ -165,7 +167,7 @@ void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats)
       std::vector<AdamWTensor> views;
       for (auto& b : kern) views.push_back(view(b, var.amsgrad, true));
       for (auto& v : views) v.step = kern[0].step + 1;  // what a caller would pass if it counted; must not matter
-      std::vector<double> stats(nt * 4, NAN);
+      std::vector<double> stats(nt * cols, NAN);
       const float found_inf = 1.0f;
       adamw_step_cpu(dtype, views.data(), static_cast<int64_t>(nt), h, scale, &found_inf, stats.data(), 2);
       for (size_t t = 0; t < nt; ++t) {
@@ -173,18 +175,20 @@ void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats)
                         bitwise_equal(kern[t].m, before[t].m) && bitwise_equal(kern[t].v, before[t].v) &&
                         bitwise_equal(kern[t].vmax, before[t].vmax),
                     "%s: found_inf step modified tensor %zu", ctx.c_str(), t);
-        for (int k = 0; k < 4; ++k) EXPECT_TRUE(stats[t * 4 + k] == 0.0, "%s: found_inf stats not zero", ctx.c_str());
+        for (int k = 0; k < cols; ++k)
+          EXPECT_TRUE(stats[t * cols + k] == 0.0, "%s: found_inf stats not zero", ctx.c_str());
       }
       continue;
     }
     std::vector<AdamWTensor> views;
-    std::vector<double> stats(nt * 4, NAN), ref_stats(nt * 4, NAN);  // poisoned: every row must be written
+    std::vector<double> stats(nt * cols, NAN), ref_stats(nt * 4, NAN);  // poisoned: every row must be written
     for (size_t t = 0; t < nt; ++t) {
       kern[t].step += 1;
       ref[t].step += 1;
-      views.push_back(view(kern[t], var.amsgrad, t % 2 == 0));  // half the tensors have a sumsq buffer
+      // Half the tensors have a sumsq buffer (full rows only).
+      views.push_back(view(kern[t], var.amsgrad, cols == kAdamWStatsCols && t % 2 == 0));
       reference_step(ref[t], h, scale, &ref_stats[t * 4]);
-      if (t % 2 != 0) ref_stats[t * 4 + 3] = 0.0;
+      if (t % 2 != 0 || cols != kAdamWStatsCols) ref_stats[t * 4 + 3] = 0.0;
     }
     adamw_step_cpu(dtype, views.data(), static_cast<int64_t>(nt), h, scale, nullptr,
                    check_stats ? stats.data() : nullptr, 2);
@@ -197,9 +201,10 @@ void run_variant(DType dtype, const Variant& var, double rtol, bool check_stats)
       if (var.amsgrad) expect_buffers_close(kern[t].vmax, ref[t].vmax, rtol, "max_exp_avg_sq", tctx);
       expect_buffers_close(kern[t].g, ref[t].g, rtol, "grad (unscaled write-back)", tctx);
       if (check_stats)
-        for (int k = 0; k < 4; ++k)
-          EXPECT_TRUE(close(stats[t * 4 + k], ref_stats[t * 4 + k], 1e-5, 0.0), "%s stats[%d]: kernel %.12g ref %.12g",
-                      tctx.c_str(), k, stats[t * 4 + k], ref_stats[t * 4 + k]);
+        for (int k = 0; k < cols; ++k)
+          EXPECT_TRUE(close(stats[t * cols + k], ref_stats[t * 4 + k], 1e-5, 0.0),
+                      "%s stats[%d]: kernel %.12g ref %.12g", tctx.c_str(), k, stats[t * cols + k],
+                      ref_stats[t * 4 + k]);
       // Keep the reference on the kernel's trajectory so errors do not compound across steps in low precision.
       ref[t] = kern[t];
     }
@@ -249,6 +254,10 @@ int main(int argc, char** argv) {
       run_variant<float>(DType::kFloat32, v, 2e-6, stats);
       run_variant<bf16_t>(DType::kBFloat16, v, 1.0 / 128, stats);
       run_variant<fp16_t>(DType::kFloat16, v, 1.0 / 1024, stats);
+      if (stats) {
+        run_variant<float>(DType::kFloat32, v, 2e-6, true, kAdamWTraceStatsCols);
+        run_variant<bf16_t>(DType::kBFloat16, v, 1.0 / 128, true, kAdamWTraceStatsCols);
+      }
     }
   } else if (mode == "determinism") {
     determinism();

@@ -277,9 +277,9 @@ def adamw_step_(
         raise RuntimeError(f"adamw_step_: sumsq_bufs must be empty or one per param: got {n} params but "
                            f"{len(sumsq_bufs)} sumsq_bufs")
     if stats_out is not None:
-        if tuple(stats_out.shape) != (n, STATS_COLS):
-            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}], got "
-                               f"{tuple(stats_out.shape)}")
+        if tuple(stats_out.shape) not in ((n, STATS_COLS), (n, 2)):
+            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}] (all sums) or [{n}, 2] "
+                               f"(Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
         if stats_out.dtype != torch.float64:
             raise RuntimeError(f"adamw_step_: stats_out must be float64, got {stats_out.dtype}")
     if n == 0:
@@ -353,8 +353,10 @@ def adamw_step_(
     stats_buf = None
     partials = coef
     if stats_out is not None:
-        stats_buf = stats_out if stats_out.is_contiguous() else torch.empty(stats_out.shape, dtype=torch.float64,
-                                                                            device=device)
+        # A 2-column (trace) row keeps the first two sums of the full row: the GPU step is bandwidth-bound, so one
+        # kernel computing all four costs nothing extra there.
+        full = stats_out.shape[1] == STATS_COLS and stats_out.is_contiguous()
+        stats_buf = stats_out if full else torch.empty((n, STATS_COLS), dtype=torch.float64, device=device)
         partials = torch.empty((nchunks, STATS_COLS), dtype=torch.float64, device=device)
 
     noise_mode = int(noise_mode)
@@ -386,7 +388,7 @@ def adamw_step_(
     if stats_out is not None:
         segment_sum(partials, seg_start, stats_buf, accumulate=False)
         if stats_buf is not stats_out:
-            stats_out.copy_(stats_buf)
+            stats_out.copy_(stats_buf[:, : stats_out.shape[1]])
     for dst, src in write_back:
         dst.copy_(src)
     _count_step(state_steps, found_inf)

@@ -433,7 +433,10 @@ class AdamW(torch.optim.AdamW):
             for (backend, device, _), b in buckets.items():
                 stats_out = None
                 if measuring:
-                    stats_out = torch.empty(len(b["params"]), 4, dtype=torch.float64, device=device)
+                    # Trace mode reads only Σ g² and Σ a_prev² g²; asking for just those two columns lets the CPU
+                    # kernel skip A_t (about half its statistics work, benchmarks/RESULTS.md).
+                    ncols = 2 if stats.mode == "trace" else 4
+                    stats_out = torch.empty(len(b["params"]), ncols, dtype=torch.float64, device=device)
                 ops.adamw_step_(
                     backend,
                     b["params"],

@@ -24,6 +24,8 @@ NOISE_MODES = {"off": 0, "into_v": 1, "outside_v": 2, "param": 3}
 #: 1: Σ a_prev² g²  with a_prev = 1/(sqrt(v_{t-1}/bc2_{t-1}) + eps) (all ones before the first step),
 #: 2: Σ a_new² g²   with a_new = 1/denom of this step (A_t),
 #: 3: Σ a_new² q    with q the optional per-tensor sum-of-squares buffer (diag mode), 0 without one.
+#: ``stats_out`` is [N, 4] (all four) or [N, 2] (columns 0–1 only: trace mode, which needs no A_t, and whose CPU
+#: kernel then does about half the statistics work).
 STATS_COLUMNS = ("grad_sq", "precond_prev_grad_sq", "precond_new_grad_sq", "precond_new_sumsq")
 
 
@@ -116,7 +118,8 @@ def adamw_step_(
             (what torch's fused AdamW does for GradScaler).
         found_inf: optional 0-dim tensor; when nonzero nothing at all changes and the step does not count.
         sumsq_bufs: empty, or N fp32 tensors (Σ_k x_k² per element, diag mode) used by stats column 3.
-        stats_out: optional float64 tensor [N, 4] overwritten with the per-tensor sums in ``STATS_COLUMNS``.
+        stats_out: optional float64 tensor [N, 4] (or [N, 2]: columns 0–1) overwritten with the per-tensor sums in
+            ``STATS_COLUMNS``.
         noise_mode: ``NOISE_MODES`` value; 0 (default) ignores every other noise argument.
         noise_seed, noise_counter: the Philox key (uint64; the C++ op takes it as int64 two's complement) and step
             word. noise_tensor_idx: N Philox tensor words.
@@ -127,8 +130,9 @@ def adamw_step_(
     The statistics rows always use the clean gradient. With ``found_inf`` nothing changes (noise included).
     """
     n = len(params)
-    if stats_out is not None and tuple(stats_out.shape) != (n, 4):
-        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, 4], got {tuple(stats_out.shape)}")
+    if stats_out is not None and tuple(stats_out.shape) not in ((n, 4), (n, 2)):
+        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, 4] (all sums) or [{n}, 2] (Σ g² and "
+                           f"Σ a_prev² g² only), got {tuple(stats_out.shape)}")
     noise_mode = int(noise_mode)
     if noise_mode not in NOISE_MODES.values():
         raise RuntimeError(f"adamw_step_: noise_mode must be 0 (off), 1 (into_v), 2 (outside_v) or 3 (param), got {noise_mode}")
@@ -209,12 +213,14 @@ def adamw_step_(
                 a_prev = 1.0 / (v_prev.to(torch.float64).sqrt() / bc2_prev**0.5 + eps)
             else:
                 a_prev = torch.ones_like(g64)
-            a_new = 1.0 / denom.to(torch.float64)
-            row = [gsq.sum(), (a_prev * a_prev * gsq).sum(), (a_new * a_new * gsq).sum()]
-            if len(sumsq_bufs):
-                row.append((a_new * a_new * sumsq_bufs[i].to(torch.float64)).sum())
-            else:
-                row.append(torch.zeros((), dtype=torch.float64, device=g.device))
+            row = [gsq.sum(), (a_prev * a_prev * gsq).sum()]
+            if stats_out.shape[1] == 4:
+                a_new = 1.0 / denom.to(torch.float64)
+                row.append((a_new * a_new * gsq).sum())
+                if len(sumsq_bufs):
+                    row.append((a_new * a_new * sumsq_bufs[i].to(torch.float64)).sum())
+                else:
+                    row.append(torch.zeros((), dtype=torch.float64, device=g.device))
             row_t = torch.stack([r.to(stats_out.device) for r in row])
             if skip is not None:
                 row_t = torch.where(skip.to(stats_out.device), torch.zeros_like(row_t), row_t)

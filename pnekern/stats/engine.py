@@ -879,7 +879,8 @@ class NoiseStats:
         """Combine hook accumulators with the fused step's per-tensor rows into this step's statistics.
 
         Args:
-            rows: id(param) -> float64 [4] row (``STATS_COLUMNS``) for every parameter stepped this time.
+            rows: id(param) -> float64 [4] row (``STATS_COLUMNS``) for every parameter stepped this time, or [2]
+                (its first two columns) when ``precond == "prev"``.
             lrs: id(param) -> the learning rate its group used.
             found_inf: GradScaler's flag; a flagged step contributes no exposure and is marked ``skipped``.
             grad_scale: the loss scale still applied to the captured contributions (divided out here).
@@ -909,7 +910,8 @@ class NoiseStats:
         world, group = self._world()
         slots = [self.slots[pid] for pid in rows if pid in self.slots]
         counts = [s.count for s in slots]
-        # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q]
+        # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q]; the last two are absent when the step
+        # wrote trace-mode rows (2 columns), which precond="prev" never reads.
         if not slots:
             self.reset()
             return None
@@ -940,13 +942,15 @@ class NoiseStats:
         if grad_scale is not None:
             inv2 = grad_scale.to(device=device, dtype=torch.float64).reciprocal().square()
             table[:, 0:2] = table[:, 0:2] * inv2
-            table[:, 6] = table[:, 6] * inv2
+            if table.shape[1] > 6:  # rows of 2 columns (trace mode) have no Σ a_t² q
+                table[:, 6] = table[:, 6] * inv2
         clip = None
         if self.clip_coef is not None:
             # p.grad was multiplied by c after capture: the step uses c·ḡ whose noise covariance is c²Σ_step.
             clip = self.clip_coef.to(device=device, dtype=torch.float64)
             table[:, 0:2] = table[:, 0:2] * clip.square()
-            table[:, 6] = table[:, 6] * clip.square()
+            if table.shape[1] > 6:  # rows of 2 columns (trace mode) have no Σ a_t² q
+                table[:, 6] = table[:, 6] * clip.square()
             self.clip_coef = None
         n = table[:, 2]
         w2 = float(world * world)

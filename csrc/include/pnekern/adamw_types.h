@@ -29,6 +29,9 @@ struct AdamWHyper {
   bool noise_has_mult = false;  // false: no multiply (not even by 1)
   float noise_mult = 1.0f;      // sqrt(controller scale), rounded to fp32
   double noise_param_coef = 0.0;  // η·sqrt(κ) (param mode), rounded to fp32 once
+  // Columns of each stats row: kAdamWStatsCols (all four sums) or kAdamWTraceStatsCols (Σ g², Σ a_prev² g² only:
+  // trace mode, whose per-element work is then about half).
+  int stats_cols = 4;
 };
 
 // Noise modes of AdamWHyper::noise_mode.
@@ -56,8 +59,9 @@ struct AdamWTensor {
   uint32_t noise_tensor_idx = 0;       // the Philox counter's tensor word
 };
 
-// Number of columns of a stats row; see adamw_step_cpu.
+// Number of columns of a full stats row, and of a trace-only row (its first two columns); see adamw_step_cpu.
 constexpr int kAdamWStatsCols = 4;
+constexpr int kAdamWTraceStatsCols = 2;
 
 // Per-tensor coefficients, computed once on the host in double and rounded to fp32 the way torch's foreach=False
 // path rounds its Python-float scalars when they meet fp32 tensors.
