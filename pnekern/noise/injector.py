@@ -570,10 +570,13 @@ class NoiseInjector:
                     p.grad.copy_(g if skip is None else torch.where(skip, p.grad.to(ct), g))
                 if e.rows_pre is not None and id(p) in rows:
                     # Natural-noise statistics must see the clean gradient ḡ, not ḡ + ε.
-                    g64 = p.grad.to(torch.float64)  # clean and already unscaled (a skipped step's row is zeroed)
-                    a64 = a_new.to(torch.float64)
                     old = rows[id(p)]
-                    row = torch.stack([e.rows_pre[0], e.rows_pre[1], (a64 * a64 * g64 * g64).sum(), old[3].to(torch.float64)])
+                    cols = [e.rows_pre[0], e.rows_pre[1]]
+                    if old.shape[0] == 4:  # trace-mode rows have only the first two columns
+                        g64 = p.grad.to(torch.float64)  # clean and already unscaled (a skipped step's row is zeroed)
+                        a64 = a_new.to(torch.float64)
+                        cols += [(a64 * a64 * g64 * g64).sum(), old[3].to(torch.float64)]
+                    row = torch.stack(cols)
                     row = row.to(old.device)
                     if skip is not None:
                         row = torch.where(skip.to(row.device), torch.zeros_like(row), row)
