@@ -231,6 +231,10 @@ void apply_noise(const NoiseArgs& a, at::TensorList params, AdamWCall& call, Ada
       t.noise_tensor_idx = static_cast<uint32_t>(a.tensor_idx[i]);
       if (v.numel() == d && d != 1) {
         t.noise_var = v.data_ptr<float>();
+      } else if (!v.device().is_cpu()) {
+        // An isotropic δ on the GPU is read by the kernel (no host sync): one value broadcast to every element.
+        t.noise_var = v.data_ptr<float>();
+        t.noise_var_broadcast = true;
       } else {
         const float delta = v.data_ptr<float>()[0];
         t.noise_sd = std::sqrt(delta < 0.0f ? 0.0f : delta);
@@ -331,11 +335,11 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
                           double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                           bool maximize, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, at::TensorList sumsq_bufs,
-                          const std::optional<at::Tensor>& stats_out, int64_t noise_mode, int64_t, int64_t, double,
-                          const std::optional<at::Tensor>&, at::IntArrayRef, std::optional<at::TensorList>,
-                          std::optional<at::TensorList>, std::optional<at::TensorList>) {
-  TORCH_CHECK(noise_mode == 0, "adamw_step_: in-step noise is not implemented in the CUDA kernel yet; use the ",
-              "Triton backend (backend='triton') or noise drawn outside the step");
+                          const std::optional<at::Tensor>& stats_out, int64_t noise_mode, int64_t noise_seed,
+                          int64_t noise_counter, double noise_param_coef,
+                          const std::optional<at::Tensor>& noise_scale, at::IntArrayRef noise_tensor_idx,
+                          std::optional<at::TensorList> noise_var, std::optional<at::TensorList> noise_basis,
+                          std::optional<at::TensorList> noise_coef) {
   for (size_t i = 0; i < params.size(); ++i)
     TORCH_CHECK(!params[i].defined() || params[i].is_cuda(), "adamw_step_: params[", i,
                 "] must be a CUDA tensor for the CUDA kernel, got ", params[i].device());
@@ -345,6 +349,13 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   // step counts has to be known on the host anyway. The raw launcher also accepts device pointers for capture.
   AdamWCall call = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                                  grad_scale, found_inf, sumsq_bufs, stats_out);
+  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
+  hyper.stats_cols = call.stats_cols;
+  // Validated (and raising) before anything is touched, as on the CPU. noise_scale is read on the host (one sync).
+  apply_noise(NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
+                        noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
+                        noise_coef.value_or(at::TensorList())},
+              params, call, hyper);
   if (call.skip) {
     if (stats_out.has_value()) stats_out->zero_();
     return;
@@ -355,8 +366,6 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   const size_t ws_bytes = adamw_cuda_workspace_bytes(call.tensors.data(), static_cast<int64_t>(call.tensors.size()));
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(ws_bytes)}, params[0].options().dtype(at::kByte));
-  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
-  hyper.stats_cols = call.stats_cols;
   adamw_step_cuda(call.dtype, call.tensors.data(), static_cast<int64_t>(call.tensors.size()), hyper,
                   scale_dev.has_value() ? scale_dev->data_ptr<float>() : nullptr, /*found_inf=*/nullptr,
                   stats_out.has_value() ? stats_out->data_ptr<double>() : nullptr, workspace.data_ptr(), ws_bytes,

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "pnekern/half.h"
+#include "pnekern/philox.h"
 
 #define PNEKERN_CUDA_CHECK(expr)                                                                   \
   do {                                                                                             \
@@ -45,6 +46,26 @@ struct DevTensor {
   float bc2_sqrt;
   float inv_prev_bc2_sqrt;
   float prev_on;
+  // In-step noise (AdamWHyper / AdamWTensor::noise_*): active when the call's mode != off and noise_on != 0.
+  const float* noise_var;  // δ: per element, or one broadcast value (noise_var_broadcast); null: noise_sd
+  const float* noise_basis;
+  const float* noise_coef;
+  int64_t noise_rank;
+  float noise_sd;
+  uint32_t noise_tensor_idx;
+  int noise_var_broadcast;
+  int noise_on;
+};
+
+// Call-wide noise scalars, rounded to fp32 exactly as adamw_cpu.cpp rounds them into AdamWScalars.
+struct DevNoise {
+  int mode;
+  uint32_t key0, key1, counter;
+  int has_mult;
+  float mult;
+  float in_v;   // 1: ε enters v (into_v)
+  float in_m;   // 1: ε enters m and the update (gradient modes)
+  float param;  // fp32(η·sqrt(κ)) in param mode, else 0
 };
 
 struct DevChunk {
@@ -91,7 +112,7 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
     adamw_chunk_kernel(const DevTensor* __restrict__ tensors, const DevChunk* __restrict__ chunks, float w1,
                        float beta2, float one_minus_beta2, float eps, float sign, bool small_w,
                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
-                       double* __restrict__ partials) {
+                       double* __restrict__ partials, DevNoise nz) {
   using S = Storage<T>;
   __shared__ double shared[kAdamWStatsCols][kAdamWCudaThreads];
   const DevChunk ch = chunks[blockIdx.x];
@@ -109,6 +130,7 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
     const float scale = UNSCALE ? *grad_scale : 1.0f;
     const float w1m1 = w1 - 1.0f;
     const int64_t end = min(ch.begin + kAdamWCudaChunk, t.numel);
+    const bool noise = nz.mode != kNoiseOff && t.noise_on != 0;  // uniform over the block: no divergence
     for (int64_t i = ch.begin + threadIdx.x; i < end; i += blockDim.x) {
       float g = S::load(gp[i]);
       if (UNSCALE) {
@@ -116,14 +138,36 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
         gp[i] = S::store(g);
       }
       g = g * sign;
+      // ε_e = (z_e·sqrt(max(δ_e, 0)) + Σ_j U[e, j]·c_j)·mult, in the CPU kernel's order (noise_block). The normal is
+      // the portable polynomial one; nvcc may contract its polynomial into FMAs, so z agrees with the CPU's to a
+      // few ulp, not bitwise (the Philox words themselves are identical).
+      float g_m = g, g_v = g, e_raw = 0.0f;
+      if (noise) {
+        const float z = philox::philox_normal_poly(nz.key0, nz.key1, static_cast<uint64_t>(i), t.noise_tensor_idx,
+                                                   nz.counter);
+        float e;
+        if (t.noise_var != nullptr) {
+          const float d = t.noise_var[t.noise_var_broadcast ? 0 : i];
+          e = __fmul_rn(z, __fsqrt_rn(d < 0.0f ? 0.0f : d));  // clamp(min=0): NaN stays NaN
+        } else {
+          e = __fmul_rn(z, t.noise_sd);
+        }
+        const int64_t k = t.noise_rank;
+        for (int64_t j = 0; j < k; ++j) e = __fadd_rn(e, __fmul_rn(t.noise_basis[i * k + j], t.noise_coef[j]));
+        if (nz.has_mult) e = __fmul_rn(e, nz.mult);
+        e_raw = e;
+        const float ge = __fmul_rn(e_raw, sign);  // ε is added to the gradient before maximize flips it
+        g_m = __fadd_rn(g, __fmul_rn(nz.in_m, ge));
+        g_v = __fadd_rn(g, __fmul_rn(nz.in_v, ge));
+      }
       float param = __fmul_rn(S::load(p[i]), t.decay);
       const float m_old = S::load(mp[i]);
       // torch's lerp formula switch at |weight| = 0.5; explicit _rn ops keep nvcc from contracting into FMAs so the
       // rounding matches the CPU kernel.
-      const float m = small_w ? __fadd_rn(m_old, __fmul_rn(w1, __fsub_rn(g, m_old)))
-                              : __fadd_rn(g, __fmul_rn(w1m1, __fsub_rn(g, m_old)));
+      const float m = small_w ? __fadd_rn(m_old, __fmul_rn(w1, __fsub_rn(g_m, m_old)))
+                              : __fadd_rn(g_m, __fmul_rn(w1m1, __fsub_rn(g_m, m_old)));
       const float v_old = S::load(vp[i]);
-      const float v = __fadd_rn(__fmul_rn(v_old, beta2), __fmul_rn(__fmul_rn(one_minus_beta2, g), g));
+      const float v = __fadd_rn(__fmul_rn(v_old, beta2), __fmul_rn(__fmul_rn(one_minus_beta2, g_v), g_v));
       float v_use = v;
       float v_prev = v_old;
       if (AMSGRAD) {
@@ -134,6 +178,8 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
       }
       const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_use), t.bc2_sqrt), eps);
       param = __fadd_rn(param, __fdiv_rn(__fmul_rn(t.neg_step_size, m), denom));
+      // Parameter space: ζ = (η√κ · a_new)·ε (nz.param is 0 in the gradient modes, as on the CPU).
+      if (noise) param = __fadd_rn(param, __fmul_rn(__fmul_rn(nz.param, __fdiv_rn(1.0f, denom)), e_raw));
       p[i] = S::store(param);
       mp[i] = S::store(m);
       vp[i] = S::store(v);
@@ -174,20 +220,20 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
 template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>
 void launch_typed(int64_t nchunks, const DevTensor* tensors, const DevChunk* chunks, float w1, float beta2,
                   float one_minus_beta2, float eps, float sign, bool small_w, const float* grad_scale,
-                  const float* found_inf, double* partials, cudaStream_t stream) {
+                  const float* found_inf, double* partials, const DevNoise& nz, cudaStream_t stream) {
   adamw_chunk_kernel<T, AMSGRAD, STATS, UNSCALE>
       <<<static_cast<unsigned>(nchunks), kAdamWCudaThreads, 0, stream>>>(
-          tensors, chunks, w1, beta2, one_minus_beta2, eps, sign, small_w, grad_scale, found_inf, partials);
+          tensors, chunks, w1, beta2, one_minus_beta2, eps, sign, small_w, grad_scale, found_inf, partials, nz);
 }
 
 template <typename T>
 void launch_dispatch(bool amsgrad, bool stats, bool unscale, int64_t nchunks, const DevTensor* tensors,
                      const DevChunk* chunks, float w1, float beta2, float one_minus_beta2, float eps, float sign,
                      bool small_w, const float* grad_scale, const float* found_inf, double* partials,
-                     cudaStream_t stream) {
+                     const DevNoise& nz, cudaStream_t stream) {
 #define PNEKERN_LAUNCH(A, S, U)                                                                                 \
   launch_typed<T, A, S, U>(nchunks, tensors, chunks, w1, beta2, one_minus_beta2, eps, sign, small_w, grad_scale, \
-                           found_inf, partials, stream)
+                           found_inf, partials, nz, stream)
   if (amsgrad) {
     if (stats) {
       if (unscale) PNEKERN_LAUNCH(true, true, true); else PNEKERN_LAUNCH(true, true, false);
@@ -254,6 +300,17 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
     d.bc2_sqrt = k.bc2_sqrt;
     d.inv_prev_bc2_sqrt = k.inv_prev_bc2_sqrt;
     d.prev_on = k.has_prev ? 1.0f : 0.0f;
+    if (t.noise_on && t.numel > 0 && t.noise_rank > 0 && (t.noise_basis == nullptr || t.noise_coef == nullptr))
+      throw std::invalid_argument("adamw_step_cuda: noise_rank > 0 needs noise_basis and noise_coef");
+    if (t.noise_rank < 0) throw std::invalid_argument("adamw_step_cuda: noise_rank < 0");
+    d.noise_var = t.noise_var;
+    d.noise_basis = t.noise_basis;
+    d.noise_coef = t.noise_coef;
+    d.noise_rank = t.noise_rank;
+    d.noise_sd = t.noise_sd;
+    d.noise_tensor_idx = t.noise_tensor_idx;
+    d.noise_var_broadcast = t.noise_var_broadcast ? 1 : 0;
+    d.noise_on = t.noise_on ? 1 : 0;
     ht[i] = d;
     for (int64_t j = 0; j < d.nchunks; ++j) hc[c++] = DevChunk{i, j * kAdamWCudaChunk};
   }
@@ -271,19 +328,31 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
   const bool small_w = std::fabs(w1) < 0.5f;
   const bool want_stats = stats != nullptr;
   const bool unscale = grad_scale != nullptr;
+  if (hyper.noise_mode < kNoiseOff || hyper.noise_mode > kNoiseParam)
+    throw std::invalid_argument("adamw_step_cuda: noise_mode must be 0..3");
+  DevNoise nz;
+  nz.mode = hyper.noise_mode;
+  nz.key0 = static_cast<uint32_t>(hyper.noise_seed);
+  nz.key1 = static_cast<uint32_t>(hyper.noise_seed >> 32);
+  nz.counter = hyper.noise_counter;
+  nz.has_mult = hyper.noise_has_mult ? 1 : 0;
+  nz.mult = hyper.noise_mult;
+  nz.in_v = hyper.noise_mode == kNoiseIntoV ? 1.0f : 0.0f;
+  nz.in_m = (hyper.noise_mode == kNoiseIntoV || hyper.noise_mode == kNoiseOutsideV) ? 1.0f : 0.0f;
+  nz.param = hyper.noise_mode == kNoiseParam ? static_cast<float>(hyper.noise_param_coef) : 0.0f;
   if (nchunks > 0) {
     switch (dtype) {
       case DType::kFloat32:
         launch_dispatch<float>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2, eps,
-                               sign, small_w, grad_scale, found_inf, partials, stream);
+                               sign, small_w, grad_scale, found_inf, partials, nz, stream);
         break;
       case DType::kBFloat16:
         launch_dispatch<bf16_t>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2,
-                                eps, sign, small_w, grad_scale, found_inf, partials, stream);
+                                eps, sign, small_w, grad_scale, found_inf, partials, nz, stream);
         break;
       case DType::kFloat16:
         launch_dispatch<fp16_t>(hyper.amsgrad, want_stats, unscale, nchunks, dt, dc, w1, beta2, one_minus_beta2,
-                                eps, sign, small_w, grad_scale, found_inf, partials, stream);
+                                eps, sign, small_w, grad_scale, found_inf, partials, nz, stream);
         break;
       default:
         throw std::invalid_argument("adamw_step_cuda: unsupported dtype");

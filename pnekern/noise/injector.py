@@ -182,7 +182,7 @@ class NoiseInjector:
         cfg = self.config
         return (
             cfg.in_step
-            and backend in ("cpp", "triton", "reference")
+            and backend in ("cpp", "triton", "cuda", "reference")
             and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and not (cfg.space == "parameter" and self.controller is not None)
         )

@@ -52,6 +52,7 @@ struct AdamWTensor {
   // In-step noise of this tensor (see AdamWHyper); used when noise_on and the call's noise_mode != off.
   bool noise_on = false;
   const float* noise_var = nullptr;    // δ [numel] fp32 per-element variance; null: isotropic noise_sd
+  bool noise_var_broadcast = false;    // noise_var holds one δ for every element (CUDA: δ stays on the device)
   float noise_sd = 0.0f;               // sqrt(max(δ, 0)) of an isotropic δ (fp32 sqrt of the fp32 δ)
   const float* noise_basis = nullptr;  // U [numel, noise_rank] fp32 row-major; null when noise_rank == 0
   const float* noise_coef = nullptr;   // c [noise_rank] fp32 (c_j = sqrt(s_j)·z_r[j], drawn outside the kernel)
