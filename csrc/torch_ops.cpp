@@ -262,6 +262,16 @@ void apply_noise(const NoiseArgs& a, at::TensorList params, AdamWCall& call, Ada
   }
 }
 
+// The hyper-parameters and noise operands of one call, shared by the CPU and CUDA ops. Raises (before anything is
+// touched) on bad noise arguments; a found_inf call is validated the same way.
+AdamWHyper call_hyper(AdamWCall& call, at::TensorList params, double lr, double beta1, double beta2,
+                      double weight_decay, double eps, bool amsgrad, bool maximize, const NoiseArgs& noise) {
+  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
+  hyper.stats_cols = call.stats_cols;
+  apply_noise(noise, params, call, hyper);
+  return hyper;
+}
+
 void adamw_step_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                          double lr, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
@@ -277,13 +287,12 @@ void adamw_step_cpu_impl(at::TensorList params, at::TensorList grads, at::Tensor
   AdamWCall call = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                                  grad_scale, found_inf, sumsq_bufs, stats_out);
   double* stats = stats_out.has_value() ? stats_out->data_ptr<double>() : nullptr;
-  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
-  hyper.stats_cols = call.stats_cols;
   // Validated (and raising) before anything but the skipped-step bookkeeping happens; a found_inf step ignores it.
-  apply_noise(NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
-                        noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
-                        noise_coef.value_or(at::TensorList())},
-              params, call, hyper);
+  AdamWHyper hyper = call_hyper(
+      call, params, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+      NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
+                noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
+                noise_coef.value_or(at::TensorList())});
   if (call.skip) {
     if (stats_out.has_value()) stats_out->zero_();
     return;
@@ -349,13 +358,12 @@ void adamw_step_cuda_impl(at::TensorList params, at::TensorList grads, at::Tenso
   // step counts has to be known on the host anyway. The raw launcher also accepts device pointers for capture.
   AdamWCall call = prepare_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad,
                                  grad_scale, found_inf, sumsq_bufs, stats_out);
-  AdamWHyper hyper = make_hyper(lr, beta1, beta2, weight_decay, eps, amsgrad, maximize);
-  hyper.stats_cols = call.stats_cols;
-  // Validated (and raising) before anything is touched, as on the CPU. noise_scale is read on the host (one sync).
-  apply_noise(NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
-                        noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
-                        noise_coef.value_or(at::TensorList())},
-              params, call, hyper);
+  // As on the CPU; noise_scale is read on the host (one sync).
+  AdamWHyper hyper = call_hyper(
+      call, params, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+      NoiseArgs{noise_mode, noise_seed, noise_counter, noise_param_coef, noise_scale, noise_tensor_idx,
+                noise_var.value_or(at::TensorList()), noise_basis.value_or(at::TensorList()),
+                noise_coef.value_or(at::TensorList())});
   if (call.skip) {
     if (stats_out.has_value()) stats_out->zero_();
     return;
