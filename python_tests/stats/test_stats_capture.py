@@ -63,3 +63,29 @@ def test_zero_grad_discards_contributions():
     _backward(model, K=3)
     opt.step()
     assert opt.last_stats().to_dict()["num_contributions"] == 3
+
+
+def test_fused_step_asks_for_the_rows_each_mode_reads(monkeypatch):
+    # Trace mode reads only Σ g² and Σ a_prev² g² and asks the kernel for those 2 columns (the CPU kernel then
+    # skips A_t, its cheaper loop); diag mode needs all 4. The exactness suites check the values themselves.
+    from pnekern import ops
+
+    widths = []
+    real = ops.adamw_step_
+
+    def spy(backend, *args, **kw):
+        if kw.get("stats_out") is not None:
+            widths.append(kw["stats_out"].shape[1])
+        return real(backend, *args, **kw)
+
+    monkeypatch.setattr(ops, "adamw_step_", spy)
+    for mode, want in (("trace", 2), ("diag", 4)):
+        widths.clear()
+        model = _model()
+        opt = pnekern.AdamW(model.parameters(), stats=mode, backend="reference")
+        for _ in range(3):
+            _backward(model)
+            opt.step()
+            opt.zero_grad()
+        assert widths == [want] * 3, (mode, widths)
+        assert torch.isfinite(opt.last_stats().trace_precond_noise)
