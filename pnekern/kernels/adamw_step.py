@@ -31,6 +31,7 @@ from torch import Tensor
 from . import interpreter_enabled
 from ._common import TL_DTYPES, TableCache, launch_config, segment_sum, to_storage
 from .philox import philox_normal_elem
+from ..reference.adamw import TRACE_STATS_COLS
 
 __all__ = ["adamw_step_", "STATS_COLS"]
 
@@ -277,9 +278,9 @@ def adamw_step_(
         raise RuntimeError(f"adamw_step_: sumsq_bufs must be empty or one per param: got {n} params but "
                            f"{len(sumsq_bufs)} sumsq_bufs")
     if stats_out is not None:
-        if tuple(stats_out.shape) not in ((n, STATS_COLS), (n, 2)):
-            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}] (all sums) or [{n}, 2] "
-                               f"(Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
+        if tuple(stats_out.shape) not in ((n, STATS_COLS), (n, TRACE_STATS_COLS)):
+            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}] (all sums) or "
+                               f"[{n}, {TRACE_STATS_COLS}] (Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
         if stats_out.dtype != torch.float64:
             raise RuntimeError(f"adamw_step_: stats_out must be float64, got {stats_out.dtype}")
     if n == 0:

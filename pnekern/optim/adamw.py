@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
+from ..reference.adamw import STATS_COLUMNS, TRACE_STATS_COLS
 from ..noise.config import NoiseConfig
 from ..noise.injector import NoiseInjector
 from ..stats.engine import STATE_KEY as STATS_STATE_KEY
@@ -445,7 +446,7 @@ class AdamW(torch.optim.AdamW):
                 if measuring:
                     # Trace mode reads only Σ g² and Σ a_prev² g²; asking for just those two columns lets the CPU
                     # kernel skip A_t (about half its statistics work, benchmarks/RESULTS.md).
-                    ncols = 2 if stats.mode == "trace" else 4
+                    ncols = TRACE_STATS_COLS if stats.mode == "trace" else len(STATS_COLUMNS)
                     stats_out = torch.empty(len(b["params"]), ncols, dtype=torch.float64, device=device)
                 ops.adamw_step_(
                     backend,

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .philox import philox_normal
 
-__all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "NOISE_MODES"]
+__all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "TRACE_STATS_COLS", "NOISE_MODES"]
 
 #: In-step noise modes (the ``noise_mode`` argument, SPEC §5): 0 off; 1 gradient space into v (g ← g + ε before m
 #: and v); 2 gradient space outside v (m and the update use g + ε, v uses g); 3 parameter space (after the update
@@ -27,6 +27,8 @@ NOISE_MODES = {"off": 0, "into_v": 1, "outside_v": 2, "param": 3}
 #: ``stats_out`` is [N, 4] (all four) or [N, 2] (columns 0–1 only: trace mode, which needs no A_t, and whose CPU
 #: kernel then does about half the statistics work).
 STATS_COLUMNS = ("grad_sq", "precond_prev_grad_sq", "precond_new_grad_sq", "precond_new_sumsq")
+#: Width of a trace-mode ``stats_out`` row (its columns 0–1).
+TRACE_STATS_COLS = 2
 
 
 def step_noise(
@@ -130,9 +132,10 @@ def adamw_step_(
     The statistics rows always use the clean gradient. With ``found_inf`` nothing changes (noise included).
     """
     n = len(params)
-    if stats_out is not None and tuple(stats_out.shape) not in ((n, 4), (n, 2)):
-        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, 4] (all sums) or [{n}, 2] (Σ g² and "
-                           f"Σ a_prev² g² only), got {tuple(stats_out.shape)}")
+    full_cols = len(STATS_COLUMNS)
+    if stats_out is not None and tuple(stats_out.shape) not in ((n, full_cols), (n, TRACE_STATS_COLS)):
+        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {full_cols}] (all sums) or "
+                           f"[{n}, {TRACE_STATS_COLS}] (Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
     noise_mode = int(noise_mode)
     if noise_mode not in NOISE_MODES.values():
         raise RuntimeError(f"adamw_step_: noise_mode must be 0 (off), 1 (into_v), 2 (outside_v) or 3 (param), got {noise_mode}")
@@ -214,7 +217,7 @@ def adamw_step_(
             else:
                 a_prev = torch.ones_like(g64)
             row = [gsq.sum(), (a_prev * a_prev * gsq).sum()]
-            if stats_out.shape[1] == 4:
+            if stats_out.shape[1] == full_cols:
                 a_new = 1.0 / denom.to(torch.float64)
                 row.append((a_new * a_new * gsq).sum())
                 if len(sumsq_bufs):

@@ -935,22 +935,21 @@ class NoiseStats:
             sums = table[:, :3].contiguous()
             dist.all_reduce(sums, group=group)  # only scalars cross the network
             table[:, :3] = sums
+        # Columns quadratic in the captured contributions (S1, S1A, Σ a_t² q): the loss scale and clip coefficient
+        # enter squared. Rows of 2 columns (trace mode) have no Σ a_t² q.
+        sq_cols = [0, 1, 6] if table.shape[1] > 6 else [0, 1]
         if grad_scale is None and self.grad_scaler is not None:
             # The user unscaled p.grad explicitly (scaler.unscale_, e.g. for clipping): the captured contributions
             # still carry the loss scale.
             grad_scale = getattr(self.grad_scaler, "_scale", None)
         if grad_scale is not None:
             inv2 = grad_scale.to(device=device, dtype=torch.float64).reciprocal().square()
-            table[:, 0:2] = table[:, 0:2] * inv2
-            if table.shape[1] > 6:  # rows of 2 columns (trace mode) have no Σ a_t² q
-                table[:, 6] = table[:, 6] * inv2
+            table[:, sq_cols] = table[:, sq_cols] * inv2
         clip = None
         if self.clip_coef is not None:
             # p.grad was multiplied by c after capture: the step uses c·ḡ whose noise covariance is c²Σ_step.
             clip = self.clip_coef.to(device=device, dtype=torch.float64)
-            table[:, 0:2] = table[:, 0:2] * clip.square()
-            if table.shape[1] > 6:  # rows of 2 columns (trace mode) have no Σ a_t² q
-                table[:, 6] = table[:, 6] * clip.square()
+            table[:, sq_cols] = table[:, sq_cols] * clip.square()
             self.clip_coef = None
         n = table[:, 2]
         w2 = float(world * world)

@@ -6,6 +6,10 @@
 
 namespace pnekern {
 
+// Number of columns of a full stats row, and of a trace-only row (its first two columns); see adamw_step_cpu.
+constexpr int kAdamWStatsCols = 4;
+constexpr int kAdamWTraceStatsCols = 2;
+
 // AdamW hyper-parameters of one call (one param group). Python floats arrive as double; the kernel rounds them to
 // fp32 exactly where torch's foreach=False path does (scalars of fp32 tensor ops).
 struct AdamWHyper {
@@ -31,7 +35,7 @@ struct AdamWHyper {
   double noise_param_coef = 0.0;  // η·sqrt(κ) (param mode), rounded to fp32 once
   // Columns of each stats row: kAdamWStatsCols (all four sums) or kAdamWTraceStatsCols (Σ g², Σ a_prev² g² only:
   // trace mode, whose per-element work is then about half).
-  int stats_cols = 4;
+  int stats_cols = kAdamWStatsCols;
 };
 
 // Noise modes of AdamWHyper::noise_mode.
@@ -59,10 +63,6 @@ struct AdamWTensor {
   int64_t noise_rank = 0;
   uint32_t noise_tensor_idx = 0;       // the Philox counter's tensor word
 };
-
-// Number of columns of a full stats row, and of a trace-only row (its first two columns); see adamw_step_cpu.
-constexpr int kAdamWStatsCols = 4;
-constexpr int kAdamWTraceStatsCols = 2;
 
 // Per-tensor coefficients, computed once on the host in double and rounded to fp32 the way torch's foreach=False
 // path rounds its Python-float scalars when they meet fp32 tensors.
