@@ -59,8 +59,9 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         define_macros=macros,
         # No --use_fast_math for nvcc: it flushes fp32 subnormals to zero (second moments of tiny gradients are
-        # subnormal) and the AdamW kernel must reproduce torch's IEEE rounding.
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]} if with_cuda else cxx,
+        # subnormal) and the AdamW kernel must reproduce torch's IEEE rounding. --fmad=false: the in-step noise's
+        # polynomial normal must not be FMA-contracted, so it gives the CPU kernel's bits.
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]} if with_cuda else cxx,
         extra_link_args=["-fopenmp", "-Wl,--strip-debug"],
     )
     if with_cuda:

@@ -138,9 +138,8 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
         gp[i] = S::store(g);
       }
       g = g * sign;
-      // ε_e = (z_e·sqrt(max(δ_e, 0)) + Σ_j U[e, j]·c_j)·mult, in the CPU kernel's order (noise_block). The normal is
-      // the portable polynomial one; nvcc may contract its polynomial into FMAs, so z agrees with the CPU's to a
-      // few ulp, not bitwise (the Philox words themselves are identical).
+      // ε_e = (z_e·sqrt(max(δ_e, 0)) + Σ_j U[e, j]·c_j)·mult, in the CPU kernel's order (noise_block). z is the
+      // portable polynomial normal; this file is built with --fmad=false, so it is the CPU kernel's z bit for bit.
       float g_m = g, g_v = g, e_raw = 0.0f;
       if (noise) {
         const float z = philox::philox_normal_poly(nz.key0, nz.key1, static_cast<uint64_t>(i), t.noise_tensor_idx,
