@@ -155,9 +155,11 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
         for (int64_t j = 0; j < k; ++j) e = __fadd_rn(e, __fmul_rn(t.noise_basis[i * k + j], t.noise_coef[j]));
         if (nz.has_mult) e = __fmul_rn(e, nz.mult);
         e_raw = e;
-        const float ge = __fmul_rn(e_raw, sign);  // ε is added to the gradient before maximize flips it
-        g_m = __fadd_rn(g, __fmul_rn(nz.in_m, ge));
-        g_v = __fadd_rn(g, __fmul_rn(nz.in_v, ge));
+        if (nz.mode != kNoiseParam) {  // uniform over the launch: no divergence
+          const float ge = __fmul_rn(e_raw, sign);  // ε is added to the gradient before maximize flips it
+          g_m = __fadd_rn(g, __fmul_rn(nz.in_m, ge));
+          g_v = __fadd_rn(g, __fmul_rn(nz.in_v, ge));
+        }
       }
       float param = __fmul_rn(S::load(p[i]), t.decay);
       const float m_old = S::load(mp[i]);
@@ -177,8 +179,9 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
       }
       const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v_use), t.bc2_sqrt), eps);
       param = __fadd_rn(param, __fdiv_rn(__fmul_rn(t.neg_step_size, m), denom));
-      // Parameter space: ζ = (η√κ · a_new)·ε (nz.param is 0 in the gradient modes, as on the CPU).
-      if (noise) param = __fadd_rn(param, __fmul_rn(__fmul_rn(nz.param, __fdiv_rn(1.0f, denom)), e_raw));
+      // Parameter space: ζ = (η√κ · a_new)·ε, only in that mode (as on the CPU and in the reference).
+      if (noise && nz.mode == kNoiseParam)
+        param = __fadd_rn(param, __fmul_rn(__fmul_rn(nz.param, __fdiv_rn(1.0f, denom)), e_raw));
       p[i] = S::store(param);
       mp[i] = S::store(m);
       vp[i] = S::store(v);

@@ -1,7 +1,10 @@
 // adamw_step_cpu against a scalar double-precision loop of the SPEC §1 update (and the SPEC §2 stats), over several
 // tensors of odd sizes in one call, for fp32 and bf16 storage and the amsgrad / maximize / weight-decay /
-// grad_scale / found_inf variants. Usage: test_adamw_cpu step|stats|determinism
+// grad_scale / found_inf variants; and the in-step normals against philox.h's per-element normal_poly. Usage:
+// test_adamw_cpu step|stats|determinism|noise
 #include "cpu/adamw_cpu.h"
+#include "cpu/cpu_isa.h"
+#include "pnekern/philox.h"
 
 #include <cmath>
 #include <cstring>
@@ -242,6 +245,59 @@ void determinism() {
   }
 }
 
+// The kernel evaluates each Philox counter once for its four elements (normals_block); the CUDA kernel and
+// philox::normal_poly evaluate it per element. Read ε off a zero-gradient outside_v step with β1 = 0 and δ = 1
+// (m = g + ε = z exactly) and require the per-element normal's bits, on every compiled ISA level, for 1 and 3
+// threads, over odd sizes, a chunk boundary and a seed above 2^63.
+void noise_stream() {
+  const uint64_t seed = 0x9E3779B97F4A7C15ull;
+  const uint32_t counter = 41;
+  const std::vector<int64_t> sizes = {1, 5, 4099, kAdamWChunk + 3, 2 * kAdamWChunk - 1};
+  for (int isa = 0; isa < kNumCpuIsa; ++isa) {
+    const CpuIsa level = static_cast<CpuIsa>(isa);
+    if (!cpu_isa_compiled(level) || !cpu_isa_supported(level)) continue;
+    cpu_isa_set(cpu_isa_name(level));
+    for (int threads : {1, 3}) {
+      std::vector<std::vector<float>> p, g, m, v;
+      std::vector<AdamWTensor> views;
+      for (int64_t n : sizes) {
+        p.emplace_back(static_cast<size_t>(n), 0.0f);
+        g.emplace_back(static_cast<size_t>(n), 0.0f);
+        m.emplace_back(static_cast<size_t>(n), 0.0f);
+        v.emplace_back(static_cast<size_t>(n), 0.0f);
+      }
+      for (size_t t = 0; t < sizes.size(); ++t) {
+        AdamWTensor x;
+        x.param = p[t].data();
+        x.grad = g[t].data();
+        x.exp_avg = m[t].data();
+        x.exp_avg_sq = v[t].data();
+        x.numel = sizes[t];
+        x.noise_on = true;
+        x.noise_sd = 1.0f;
+        x.noise_tensor_idx = static_cast<uint32_t>(3 * t + 1);
+        views.push_back(x);
+      }
+      AdamWHyper h;
+      h.beta1 = 0.0;
+      h.noise_mode = kNoiseOutsideV;
+      h.noise_seed = seed;
+      h.noise_counter = counter;
+      adamw_step_cpu(DType::kFloat32, views.data(), static_cast<int64_t>(views.size()), h, nullptr, nullptr,
+                     nullptr, threads);
+      for (size_t t = 0; t < sizes.size(); ++t) {
+        int64_t bad = -1;
+        for (int64_t e = 0; e < sizes[t] && bad < 0; ++e) {
+          const float want = philox::normal_poly(seed, static_cast<uint64_t>(e), views[t].noise_tensor_idx, counter);
+          if (std::memcmp(&m[t][static_cast<size_t>(e)], &want, sizeof(float)) != 0) bad = e;
+        }
+        EXPECT_TRUE(bad < 0, "%s, %d threads, tensor of %lld: element %lld is not normal_poly's bits",
+                    cpu_isa_name(level), threads, static_cast<long long>(sizes[t]), static_cast<long long>(bad));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -261,6 +317,8 @@ int main(int argc, char** argv) {
     }
   } else if (mode == "determinism") {
     determinism();
+  } else if (mode == "noise") {
+    noise_stream();
   } else {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
     return 2;

@@ -25,7 +25,7 @@ int main() {
   check_kat({{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, {{0xa4093822u, 0x299f31d0u}},
             {{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}}, "pi-digits");
 
-  // Layout: key = {seed_lo, seed_hi}, counter = {elem_lo, elem_hi, tensor_idx, step}.
+  // Layout: key = {seed_lo, seed_hi}, counter = {grp_lo, grp_hi, tensor_idx, step} with grp = elem >> 2.
   const U32x2 key = make_key(0x0123456789abcdefull);
   EXPECT_TRUE(key.v[0] == 0x89abcdefu && key.v[1] == 0x01234567u, "make_key split");
   const U32x4 ctr = make_counter(0x00000005fffffffeull, 7u, 42u);
@@ -36,10 +36,21 @@ int main() {
   EXPECT_TRUE(uniform_open0(0xffffffffu) == 1.0f, "uniform_open0(max) = %a", uniform_open0(0xffffffffu));
   EXPECT_TRUE(uniform_open0(0x80000000u) == 0.5f + 0x1.0p-24f, "uniform_open0(mid)");
 
-  // normal() is Box–Muller on words 0 and 1 of the element's own counter.
+  // normal() of elements 4·12345 .. +3: the cos and sin normals of words (0, 1), then of words (2, 3), of counter
+  // (12345, tensor, step); uniform() is the lane's own word.
   const U32x4 out = philox4x32_10(make_counter(12345u, 3u, 9u), make_key(2024u));
-  const float want = box_muller(uniform_open0(out.v[0]), uniform_open0(out.v[1]));
-  EXPECT_TRUE(normal(2024u, 12345u, 3u, 9u) == want, "normal() must use words 0/1 of counter(elem,tensor,step)");
+  for (uint32_t lane = 0; lane < 4; ++lane) {
+    const uint32_t pair = lane & 2u;
+    const float want = box_muller(uniform_open0(out.v[pair]), uniform_open0(out.v[pair + 1]), (lane & 1u) != 0);
+    const uint64_t elem = 4u * 12345u + lane;
+    EXPECT_TRUE(normal(2024u, elem, 3u, 9u) == want, "normal() lane %u must use its word pair of counter elem>>2",
+                lane);
+    EXPECT_TRUE(uniform(2024u, elem, 3u, 9u) == uniform_open0(out.v[lane]), "uniform() lane %u", lane);
+    // the portable polynomial normal is the same normal to ~1e-6
+    const float poly = normal_poly(2024u, elem, 3u, 9u);
+    EXPECT_TRUE(std::fabs(poly - want) <= 2e-6f * std::fmax(1.0f, std::fabs(want)), "normal_poly lane %u: %g vs %g",
+                lane, poly, want);
+  }
 
   // Moments of 2^20 normals: mean 0 ± 5σ/sqrt(n), variance 1 ± 1%; all finite (u1 > 0 keeps log finite).
   const int n = 1 << 20;

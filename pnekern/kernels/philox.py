@@ -1,14 +1,16 @@
 """Philox4x32-10 and the pnekern Gaussian stream in Triton (contract: csrc/include/pnekern/philox.h).
 
     key     = (seed_lo, seed_hi)
-    counter = (elem_lo, elem_hi, tensor_idx, step)     one counter per element (flat index within its tensor)
-    u       = ((w >> 8) + 1) · 2^-24 ∈ (0, 1]          words 0 and 1
-    z       = sqrt(-2 ln u1) · cos(2π u2)             fp32
+    counter = (grp_lo, grp_hi, tensor_idx, step)      grp = elem >> 2: one counter per four elements
+    u       = ((w >> 8) + 1) · 2^-24 ∈ (0, 1]          element e: lane l = e & 3, word pair p = l >> 1
+    z       = ρ cos θ (l even) / ρ sin θ (l odd)       ρ = sqrt(-2 ln u[2p]), θ = fp32(2π u[2p+1]), fp32
 
 The ``@triton.jit`` helpers (``philox4x32_10``, ``philox_counter_words``, ``uniform_open0``, ``box_muller``,
 ``philox_normal_elem``) are meant to be called from other kernels (in-step noise sampling); the launchers
 (``philox_words``, ``philox_uniform``, ``philox_normal``) mirror ``pnekern.reference.philox``. Words and uniforms are
-bit-identical to the reference; normals agree to a few ulp (log/cos implementations differ in the last bit).
+bit-identical to the reference; normals agree to a few ulp (log/sin/cos implementations differ in the last bit).
+``philox_normal_elem`` evaluates its element's whole counter (a GPU lane per element; the CPU kernels share each
+counter between its four elements).
 """
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def philox_counter_words(elem, tensor_idx, step, seed_lo, seed_hi):
-    """Output words of the pnekern counter (elem: int64 flat index; the other arguments any integer type, taken
-    mod 2^32)."""
-    c0 = (elem & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (elem >> 32).to(tl.uint32)
+def philox_counter_words(grp, tensor_idx, step, seed_lo, seed_hi):
+    """Output words of pnekern counter ``grp`` (int64; the words of elements 4·grp .. 4·grp + 3; the other
+    arguments any integer type, taken mod 2^32)."""
+    c0 = (grp & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (grp >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + tensor_idx.to(tl.uint32)
     c3 = tl.zeros_like(c0) + step.to(tl.uint32)
     k0 = tl.zeros_like(c0) + seed_lo.to(tl.uint32)
@@ -66,22 +68,30 @@ def uniform_open0(w):
 
 
 @triton.jit
-def box_muller(u1, u2):
-    """One standard normal from two uniforms in (0, 1]: sqrt(-2 ln u1) · cos(2π u2) in fp32."""
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)  # 2π, rounded to fp32 like the C++ kTwoPi
+def box_muller(u1, u2, use_sin):
+    """One standard normal from two uniforms in (0, 1]: sqrt(-2 ln u1) · (sin if ``use_sin`` else cos)(2π u2), fp32."""
+    theta = 6.283185307179586 * u2  # 2π, rounded to fp32 like the C++ kTwoPi
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.where(use_sin, tl.sin(theta), tl.cos(theta))
+
+
+@triton.jit
+def _lane_word(w0, w1, w2, w3, lane):
+    return tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
 
 
 @triton.jit
 def philox_normal_elem(elem, tensor_idx, step, seed_lo, seed_hi):
     """The standard normal of element ``elem`` (int64) of tensor ``tensor_idx`` at ``step`` under the seed."""
-    w0, w1, _, _ = philox_counter_words(elem, tensor_idx, step, seed_lo, seed_hi)
-    return box_muller(uniform_open0(w0), uniform_open0(w1))
+    w0, w1, w2, w3 = philox_counter_words(elem >> 2, tensor_idx, step, seed_lo, seed_hi)
+    lane = elem & 3
+    second = lane >= 2
+    return box_muller(uniform_open0(tl.where(second, w2, w0)), uniform_open0(tl.where(second, w3, w1)), (lane & 1) == 1)
 
 
 @triton.jit
 def _philox_kernel(coords_ptr, out_ptr, numel, OUTPUT: tl.constexpr, BLOCK: tl.constexpr):
-    """coords int64 [5] = (seed_lo, seed_hi, tensor_idx, step, first element). OUTPUT 0: fp32 normals [numel];
-    1: fp32 uniforms (word 0) [numel]; 2: the four words as int64 [numel, 4]."""
+    """coords int64 [5] = (seed_lo, seed_hi, tensor_idx, step, first). OUTPUT 0: fp32 normals of elements first ..
+    [numel]; 1: their fp32 uniforms [numel]; 2: the four words of counters first .. as int64 [numel, 4]."""
     pid = tl.program_id(0)
     seed_lo = tl.load(coords_ptr + 0)
     seed_hi = tl.load(coords_ptr + 1)
@@ -90,12 +100,14 @@ def _philox_kernel(coords_ptr, out_ptr, numel, OUTPUT: tl.constexpr, BLOCK: tl.c
     first = tl.load(coords_ptr + 4)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
-    w0, w1, w2, w3 = philox_counter_words(first + idx, tensor_idx, step, seed_lo, seed_hi)
     if OUTPUT == 0:
-        tl.store(out_ptr + idx, box_muller(uniform_open0(w0), uniform_open0(w1)), mask=mask)
+        tl.store(out_ptr + idx, philox_normal_elem(first + idx, tensor_idx, step, seed_lo, seed_hi), mask=mask)
     elif OUTPUT == 1:
-        tl.store(out_ptr + idx, uniform_open0(w0), mask=mask)
+        elem = first + idx
+        w0, w1, w2, w3 = philox_counter_words(elem >> 2, tensor_idx, step, seed_lo, seed_hi)
+        tl.store(out_ptr + idx, uniform_open0(_lane_word(w0, w1, w2, w3, elem & 3)), mask=mask)
     else:
+        w0, w1, w2, w3 = philox_counter_words(first + idx, tensor_idx, step, seed_lo, seed_hi)
         tl.store(out_ptr + idx * 4 + 0, w0.to(tl.int64), mask=mask)
         tl.store(out_ptr + idx * 4 + 1, w1.to(tl.int64), mask=mask)
         tl.store(out_ptr + idx * 4 + 2, w2.to(tl.int64), mask=mask)
@@ -126,13 +138,15 @@ def _launch(output: int, seed: int, step: int, tensor_idx: int, numel: int, devi
     return out
 
 
-def philox_words(seed: int, step: int, tensor_idx: int, numel: int, device=None, offset: int = 0) -> Tensor:
-    """The four Philox words of elements ``offset ..`` of the stream: int64 [numel, 4] in [0, 2^32)."""
-    return _launch(2, seed, step, tensor_idx, numel, device, offset)
+def philox_words(seed: int, step: int, tensor_idx: int, count: int, device=None, offset: int = 0) -> Tensor:
+    """The four Philox words of counters ``offset .. offset+count-1`` (elements 4·counter ..): int64 [count, 4] in
+    [0, 2^32)."""
+    return _launch(2, seed, step, tensor_idx, count, device, offset)
 
 
 def philox_uniform(seed: int, step: int, tensor_idx: int, numel: int, device=None, offset: int = 0) -> Tensor:
-    """Uniforms in (0, 1] (word 0) of the stream: fp32 [numel], bit-identical to the reference."""
+    """Uniforms in (0, 1] of elements ``offset ..`` (word e & 3 of counter e >> 2): fp32 [numel], bit-identical to
+    the reference."""
     return _launch(1, seed, step, tensor_idx, numel, device, offset)
 
 

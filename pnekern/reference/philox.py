@@ -3,12 +3,15 @@
 Stream layout (bit for bit the same on reference / C++ / Triton / CUDA, SPEC §5, STYLE practice 10):
 
     key     = (seed_lo, seed_hi)                      seed: uint64
-    counter = (elem_lo, elem_hi, tensor_idx, step)    elem: flat element index (uint64); tensor_idx, step: uint32
+    counter = (grp_lo, grp_hi, tensor_idx, step)      grp = elem >> 2 (elem: flat element index, uint64);
+                                                      tensor_idx, step: uint32
     out     = philox4x32_10(counter, key)             four uint32 words
 
-Element e uses words 0 and 1 only: u = ((w >> 8) + 1) · 2^-24 ∈ (0, 1] (exact in fp32) and the Box–Muller normal
-z = sqrt(-2 ln u1) · cos(2π u2) evaluated in fp32. Words, uniforms are bitwise identical across backends; normals
-agree to a few ulp (log/cos differ in the last bit between libm, torch and Triton).
+One counter serves the four elements 4·grp .. 4·grp + 3. Element e has lane l = e & 3 and uses the word pair
+p = l >> 1: u1, u2 = uniform_open0(out[2p]), uniform_open0(out[2p + 1]) with uniform_open0(w) = ((w >> 8) + 1) · 2^-24
+∈ (0, 1] (exact in fp32), and the Box–Muller normal z = ρ cos θ (l even) or ρ sin θ (l odd), ρ = sqrt(-2 ln u1),
+θ = fp32(2π u2), evaluated in fp32. Its uniform is uniform_open0(out[l]). Words and uniforms are bitwise identical
+across backends; normals agree to a few ulp (log/sin/cos differ in the last bit between libm, torch and Triton).
 
 uint32 words are carried in int64 tensors holding values in [0, 2^32) so every operation is exact in torch on any
 device; the 32×32→64 multiply is split into 16-bit halves so nothing overflows int64.
@@ -20,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS",
-    "philox4x32_10", "philox_counters", "philox_words", "uniform_open0", "box_muller",
+    "philox4x32_10", "philox_counters", "philox_words", "uniform_open0", "box_muller", "box_muller_pair",
     "philox_uniform", "philox_normal",
 ]
 
@@ -79,13 +82,13 @@ def philox4x32_10(counter, key) -> Tensor:
     return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), dim=-1)
 
 
-def philox_counters(numel: int, tensor_idx: int, step: int, offset: int = 0, device=None) -> Tensor:
-    """The pnekern counters of elements ``offset .. offset+numel-1``: int64 ``[numel, 4]`` = (elem_lo, elem_hi,
-    tensor_idx, step), each word reduced mod 2^32 (tensor_idx and step are uint32 in the contract)."""
-    elem = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    ctr = torch.empty((numel, 4), dtype=torch.int64, device=device)
-    ctr[:, 0] = elem & _MASK32
-    ctr[:, 1] = elem >> 32
+def philox_counters(count: int, tensor_idx: int, step: int, offset: int = 0, device=None) -> Tensor:
+    """The pnekern counters ``offset .. offset+count-1`` (counter c serves elements 4c .. 4c+3): int64 ``[count, 4]``
+    = (grp_lo, grp_hi, tensor_idx, step), each word reduced mod 2^32 (tensor_idx and step are uint32)."""
+    grp = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
+    ctr = torch.empty((count, 4), dtype=torch.int64, device=device)
+    ctr[:, 0] = grp & _MASK32
+    ctr[:, 1] = grp >> 32
     ctr[:, 2] = int(tensor_idx) & _MASK32
     ctr[:, 3] = int(step) & _MASK32
     return ctr
@@ -96,9 +99,17 @@ def _key(seed: int) -> tuple[int, int]:
     return seed & _MASK32, seed >> 32
 
 
-def philox_words(seed: int, step: int, tensor_idx: int, numel: int, offset: int = 0, device=None) -> Tensor:
-    """The four Philox output words of each element of the stream: int64 ``[numel, 4]`` in [0, 2^32)."""
-    return philox4x32_10(philox_counters(numel, tensor_idx, step, offset, device), _key(seed))
+def philox_words(seed: int, step: int, tensor_idx: int, count: int, offset: int = 0, device=None) -> Tensor:
+    """The four Philox output words of counters ``offset .. offset+count-1`` (row c: the words of elements
+    4(offset+c) .. 4(offset+c)+3): int64 ``[count, 4]`` in [0, 2^32)."""
+    return philox4x32_10(philox_counters(count, tensor_idx, step, offset, device), _key(seed))
+
+
+def _element_words(seed: int, step: int, tensor_idx: int, numel: int, offset: int, device) -> tuple[Tensor, int]:
+    """Words of the counters covering elements ``offset .. offset+numel-1``, and the first element's lane."""
+    first = int(offset) >> 2
+    last = (int(offset) + numel + 3) >> 2
+    return philox_words(seed, step, tensor_idx, last - first, first, device), int(offset) & 3
 
 
 def uniform_open0(words: Tensor) -> Tensor:
@@ -107,14 +118,23 @@ def uniform_open0(words: Tensor) -> Tensor:
 
 
 def box_muller(u1: Tensor, u2: Tensor) -> Tensor:
-    """One standard normal per pair of fp32 uniforms in (0, 1]: sqrt(-2 ln u1) · cos(2π u2), in fp32."""
+    """The cos normal of each pair of fp32 uniforms in (0, 1]: sqrt(-2 ln u1) · cos(2π u2), in fp32."""
+    return box_muller_pair(u1, u2)[0]
+
+
+def box_muller_pair(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    """Both normals of each pair of fp32 uniforms in (0, 1]: (ρ cos θ, ρ sin θ), ρ = sqrt(-2 ln u1), θ = fp32(2π u2)."""
     two_pi = torch.tensor(_TWO_PI_F32, dtype=torch.float32, device=u1.device)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(two_pi * u2)
+    rho = torch.sqrt(-2.0 * torch.log(u1))
+    theta = two_pi * u2
+    return rho * torch.cos(theta), rho * torch.sin(theta)
 
 
 def philox_uniform(seed: int, step: int, tensor_idx: int, numel: int, device=None, offset: int = 0) -> Tensor:
-    """Uniforms in (0, 1] (word 0) of elements ``offset ..`` of tensor ``tensor_idx`` at ``step``: fp32 [numel]."""
-    return uniform_open0(philox_words(seed, step, tensor_idx, numel, offset, device)[:, 0])
+    """Uniforms in (0, 1] of elements ``offset ..`` of tensor ``tensor_idx`` at ``step`` (element e: word e & 3 of
+    counter e >> 2): fp32 [numel]."""
+    words, lane = _element_words(seed, step, tensor_idx, numel, offset, device)
+    return uniform_open0(words.reshape(-1)[lane : lane + numel])
 
 
 def philox_normal(seed: int, step: int, tensor_idx: int, numel: int, device=None, offset: int = 0) -> Tensor:
@@ -124,12 +144,17 @@ def philox_normal(seed: int, step: int, tensor_idx: int, numel: int, device=None
         seed: uint64 seed (key = (seed_lo, seed_hi)); Python ints are reduced mod 2^64.
         step: the optimizer step the draw is for (uint32 counter word 3).
         tensor_idx: index of the tensor in the optimizer's parameter list (uint32 counter word 2).
-        numel: number of elements (flat indices ``offset .. offset + numel - 1``, counter words 0/1).
+        numel: number of elements (flat indices ``offset .. offset + numel - 1``; counter words 0/1 hold e >> 2).
         device: where the result lives (the stream does not depend on it).
         offset: first flat element index (to draw a slice of a tensor's stream).
 
     Returns:
-        float32 tensor [numel], z_e = sqrt(-2 ln u1) cos(2π u2) with u1, u2 from words 0 and 1 of element e.
+        float32 tensor [numel]: z_e = ρ cos θ (e even) or ρ sin θ (e odd) of the word pair 2·((e >> 1) & 1) of
+        counter e >> 2 (module docstring).
     """
-    words = philox_words(seed, step, tensor_idx, numel, offset, device)
-    return box_muller(uniform_open0(words[:, 0]), uniform_open0(words[:, 1]))
+    words, lane = _element_words(seed, step, tensor_idx, numel, offset, device)
+    u = uniform_open0(words)
+    a_cos, a_sin = box_muller_pair(u[:, 0], u[:, 1])
+    b_cos, b_sin = box_muller_pair(u[:, 2], u[:, 3])
+    z = torch.stack((a_cos, a_sin, b_cos, b_sin), dim=1).reshape(-1)
+    return z[lane : lane + numel].contiguous()

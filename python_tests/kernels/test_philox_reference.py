@@ -28,10 +28,15 @@ def test_known_answer_vectors(counter, key, want):
 
 
 def test_stream_layout_uses_seed_and_counter_words():
-    seed, elem, tidx, step = 0x0123456789ABCDEF, 0x00000005FFFFFFFE, 7, 42
-    words = ref.philox_words(seed, step, tidx, 1, offset=elem)[0]
+    seed, grp, tidx, step = 0x0123456789ABCDEF, 0x00000005FFFFFFFE, 7, 42
+    words = ref.philox_words(seed, step, tidx, 1, offset=grp)[0]
     direct = ref.philox4x32_10((0xFFFFFFFE, 5, 7, 42), (0x89ABCDEF, 0x01234567))
     assert words.tolist() == direct.tolist()
+    # element e's uniform is word e & 3 of counter e >> 2
+    elem = 4 * grp + 2
+    u = ref.philox_uniform(seed, step, tidx, 3, offset=elem)
+    following = ref.philox_words(seed, step, tidx, 1, offset=grp + 1)[0]
+    assert u.tolist() == ref.uniform_open0(torch.cat([direct[2:], following[:1]])).tolist()
 
 
 def test_uniform_open0_extremes_are_exact():
@@ -40,18 +45,30 @@ def test_uniform_open0_extremes_are_exact():
     assert u.tolist() == [2.0**-24, 1.0, 0.5 + 2.0**-24]
 
 
-def test_normal_is_box_muller_of_words_0_and_1():
-    words = ref.philox_words(2024, 9, 3, 1, offset=12345)[0]
-    u1, u2 = (((int(w) >> 8) + 1) * 2.0**-24 for w in words[:2])
-    want = math.sqrt(-2.0 * math.log(u1)) * math.cos(2 * math.pi * u2)
-    got = ref.philox_normal(2024, 9, 3, 1, offset=12345)
+def test_normal_is_box_muller_of_the_lanes_word_pair():
+    """Elements 4c .. 4c+3 share counter c: (ρ_a cos θ_a, ρ_a sin θ_a) from words 0/1, then (ρ_b cos θ_b, ρ_b sin θ_b)
+    from words 2/3 — checked in float64 math against the fp32 stream."""
+    grp = 12345
+    words = ref.philox_words(2024, 9, 3, 1, offset=grp)[0]
+    u = [((int(w) >> 8) + 1) * 2.0**-24 for w in words]
+    want = []
+    for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
+        rho, theta = math.sqrt(-2.0 * math.log(u1)), 2 * math.pi * u2
+        want += [rho * math.cos(theta), rho * math.sin(theta)]
+    got = ref.philox_normal(2024, 9, 3, 4, offset=4 * grp)
     assert got.dtype == torch.float32
-    assert abs(got.item() - want) <= 4e-6 * max(1.0, abs(want))
+    for g, w in zip(got.tolist(), want):
+        assert abs(g - w) <= 4e-6 * max(1.0, abs(w)), (got, want)
+    # a slice that starts mid-counter is the same stream
+    assert torch.equal(ref.philox_normal(2024, 9, 3, 2, offset=4 * grp + 1), got[1:3])
 
 
 def test_slices_of_the_stream_are_the_stream():
     full = ref.philox_normal(11, 3, 2, 300)
-    torch.testing.assert_close(ref.philox_normal(11, 3, 2, 100, offset=150), full[150:250], rtol=0, atol=0)
+    for off, n in ((150, 100), (151, 1), (3, 9), (0, 300), (297, 3)):
+        torch.testing.assert_close(ref.philox_normal(11, 3, 2, n, offset=off), full[off : off + n], rtol=0, atol=0)
+    u = ref.philox_uniform(11, 3, 2, 300)
+    assert torch.equal(ref.philox_uniform(11, 3, 2, 7, offset=61), u[61:68])
     # the counter's high word: elements on both sides of 2^32
     w = ref.philox_words(5, 1, 0, 4, offset=2**32 - 2)
     assert w[2].tolist() == ref.philox4x32_10((0, 1, 0, 1), (5, 0)).tolist()
@@ -67,3 +84,9 @@ def test_moments_and_independence():
     assert abs((z * z2).mean().item()) < 5 / math.sqrt(n)
     z3 = ref.philox_normal(7, 2, 1, n).double()  # another step
     assert abs((z * z3).mean().item()) < 5 / math.sqrt(n)
+    # the four normals of a counter are uncorrelated with each other (the two of a pair share ρ, not θ), and so are
+    # the pair partners' squares (cos² and sin² of one θ are dependent only through ρ)
+    lanes = z.view(-1, 4)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs((lanes[:, i] * lanes[:, j]).mean().item()) < 5 / math.sqrt(n / 4), (i, j)

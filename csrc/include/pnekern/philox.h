@@ -6,19 +6,23 @@
 // pnekern stream layout (CONTRACT: the reference, Triton and CUDA ports must match this bit for bit)
 //
 //   key     = { seed_lo, seed_hi }                    seed: uint64, seed_lo = seed & 0xffffffff, seed_hi = seed >> 32
-//   counter = { elem_lo, elem_hi, tensor_idx, step }  elem: uint64 flat element index within the tensor
+//   counter = { grp_lo, grp_hi, tensor_idx, step }    grp = elem >> 2, elem: uint64 flat element index in the tensor
 //                                                     tensor_idx: uint32 index of the tensor in the optimizer's list
 //                                                     step: uint32 optimizer step (the value the step uses)
 //   out     = philox4x32_10(counter, key)             4 uint32 words out[0..3]
 //
-// One counter per element. Element e uses only out[0] and out[1]:
-//   u1 = uniform_open0(out[0]),  u2 = uniform_open0(out[1])          (both in (0, 1], exactly representable)
-//   z  = sqrt(-2 ln u1) * cos(2π u2)                                 (one standard normal, Box–Muller)
-// out[2], out[3] are reserved (e.g. a second independent normal z' = sqrt(-2 ln u3) cos(2π u4) if ever needed).
+// One counter per group of four consecutive elements 4·grp .. 4·grp + 3; element e has lane l = e & 3 and uses the
+// word pair p = l >> 1, (out[2p], out[2p+1]):
+//   u1 = uniform_open0(out[2p]),  u2 = uniform_open0(out[2p+1])     (both in (0, 1], exactly representable)
+//   ρ  = sqrt(-2 ln u1),  θ = fp32(2π · u2)
+//   z  = ρ · cos θ  (l even),   z = ρ · sin θ  (l odd)               (Box–Muller: both normals of each pair)
+// and the uniform of element e is uniform_open0(out[l]). Four normals per Philox evaluation and one log and sqrt per
+// two normals: the CPU kernels' in-step noise costs under half of one-counter-per-element (benchmarks/RESULTS.md).
 //
 // uniform_open0(x) = ((x >> 8) + 1) * 2^-24: the top 24 bits of the word, shifted to (0, 1]. Every step is exact in
-// fp32, so uniforms agree bit for bit on every backend; u1 > 0 keeps log finite. The normal goes through log/cos,
-// whose last-ulp rounding differs between libm, CUDA and Triton: normals agree to a few ulp, not bitwise.
+// fp32, so uniforms agree bit for bit on every backend; u1 > 0 keeps log finite. The normal goes through log/sin/cos,
+// whose last-ulp rounding differs between libm, CUDA and Triton: normals agree to a few ulp, not bitwise (the
+// polynomial normal below is bitwise the same on every CPU ISA level and, built with --fmad=false, on CUDA).
 // ---------------------------------------------------------------------------------------------------------------
 #pragma once
 
@@ -87,8 +91,9 @@ PNEKERN_HD U32x4 philox4x32_10(U32x4 counter, U32x2 key) {
 PNEKERN_HD U32x2 make_key(uint64_t seed) {
   return U32x2{{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)}};
 }
-PNEKERN_HD U32x4 make_counter(uint64_t elem, uint32_t tensor_idx, uint32_t step) {
-  return U32x4{{static_cast<uint32_t>(elem), static_cast<uint32_t>(elem >> 32), tensor_idx, step}};
+// The counter of group `grp` (elements 4·grp .. 4·grp + 3).
+PNEKERN_HD U32x4 make_counter(uint64_t grp, uint32_t tensor_idx, uint32_t step) {
+  return U32x4{{static_cast<uint32_t>(grp), static_cast<uint32_t>(grp >> 32), tensor_idx, step}};
 }
 
 // uint32 -> uniform float in (0, 1]: ((x >> 8) + 1) * 2^-24, exact in fp32 on every backend.
@@ -96,20 +101,23 @@ PNEKERN_HD float uniform_open0(uint32_t x) {
   return static_cast<float>((x >> 8) + 1u) * 0x1.0p-24f;
 }
 
-// Box–Muller: one standard normal from two uniforms in (0, 1].
-PNEKERN_HD float box_muller(float u1, float u2) {
+// Box–Muller: the cos (use_sin false) or sin normal of two uniforms in (0, 1].
+PNEKERN_HD float box_muller(float u1, float u2, bool use_sin) {
   constexpr float kTwoPi = 6.283185307179586f;
+  const float theta = kTwoPi * u2;
 #ifdef __CUDA_ARCH__
-  return sqrtf(-2.0f * logf(u1)) * cosf(kTwoPi * u2);
+  return sqrtf(-2.0f * logf(u1)) * (use_sin ? sinf(theta) : cosf(theta));
 #else
-  return std::sqrt(-2.0f * std::log(u1)) * std::cos(kTwoPi * u2);
+  return std::sqrt(-2.0f * std::log(u1)) * (use_sin ? std::sin(theta) : std::cos(theta));
 #endif
 }
 
-// The standard normal for element `elem` of tensor `tensor_idx` at optimizer step `step` under `seed`.
+// The standard normal for element `elem` of tensor `tensor_idx` at optimizer step `step` under `seed` (libm).
 PNEKERN_HD float normal(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint32_t step) {
-  const U32x4 out = philox4x32_10(make_counter(elem, tensor_idx, step), make_key(seed));
-  return box_muller(uniform_open0(out.v[0]), uniform_open0(out.v[1]));
+  const U32x4 out = philox4x32_10(make_counter(elem >> 2, tensor_idx, step), make_key(seed));
+  const uint32_t lane = static_cast<uint32_t>(elem) & 3u;
+  const uint32_t pair = lane & 2u;
+  return box_muller(uniform_open0(out.v[pair]), uniform_open0(out.v[pair + 1]), (lane & 1u) != 0);
 }
 
 // Portable fp32 log/cos (no libm): bitwise identical on every ISA level and compiler; what the CPU kernels' in-step
@@ -122,10 +130,11 @@ PNEKERN_HD float normal_poly(uint64_t seed, uint64_t elem, uint32_t tensor_idx, 
   return philox_normal_poly(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), elem, tensor_idx, step);
 }
 
-// The uniform in (0, 1] for the same coordinates (word 0), for dropout-like uses and for cross-backend tests.
+// The uniform in (0, 1] of the same element (word elem & 3 of its group), for dropout-like uses and for
+// cross-backend tests.
 PNEKERN_HD float uniform(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint32_t step) {
-  const U32x4 out = philox4x32_10(make_counter(elem, tensor_idx, step), make_key(seed));
-  return uniform_open0(out.v[0]);
+  const U32x4 out = philox4x32_10(make_counter(elem >> 2, tensor_idx, step), make_key(seed));
+  return uniform_open0(out.v[static_cast<uint32_t>(elem) & 3u]);
 }
 
 }  // namespace philox
