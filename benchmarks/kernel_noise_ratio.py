@@ -2,8 +2,8 @@
 
 No Python optimizer around the op, so the ratio is the kernel's own (issue 5's ≤ 1.15 target is about this
 ratio). One fp32 tensor of N elements at step 5; ``--mode``: ``into_v`` / ``outside_v`` (gradient space) or
-``param``; ``--var``: ``diag`` (per-element δ, one extra fp32 read) or ``iso`` (one δ). Rounds interleave off/on;
-the medians are printed. Usage:
+``param``; ``--var``: ``diag`` (per-element δ, one extra fp32 read) or ``iso`` (one δ); ``--rank k`` adds a
+low-rank part U [N, k], c [k]. Rounds interleave off/on; the medians are printed. Usage:
 
     python benchmarks/kernel_noise_ratio.py --numel 32e6 --threads 1 --mode into_v --var diag --repeat 11
 """
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=("into_v", "outside_v", "param"), default="into_v")
     ap.add_argument("--var", choices=("diag", "iso"), default="diag")
+    ap.add_argument("--rank", type=int, default=0, help="columns of the low-rank part (0: none)")
     ap.add_argument("--repeat", type=int, default=11)
     a = ap.parse_args()
     _native.require("benchmarks/kernel_noise_ratio.py")
@@ -37,6 +38,9 @@ def main() -> None:
     step = torch.tensor(5.0)
     noise = dict(noise_mode=NOISE_MODES[a.mode], noise_seed=7, noise_counter=5, noise_param_coef=1e-3,
                  noise_tensor_idx=[0], noise_var=[var])
+    if a.rank:
+        noise.update(noise_basis=[torch.randn(n, a.rank, generator=gen) * 1e-2],
+                     noise_coef=[torch.randn(a.rank, generator=gen)])
 
     def run(with_noise: bool) -> float:
         step.fill_(4.0)  # the op increments it: every round is step 5
@@ -52,7 +56,7 @@ def main() -> None:
         off.append(run(False))
         on.append(run(True))
     t_off, t_on = statistics.median(off), statistics.median(on)
-    print(f"numel={n} threads={a.threads} mode={a.mode} var={a.var}: off {t_off * 1e3:.2f} ms, "
+    print(f"numel={n} threads={a.threads} mode={a.mode} var={a.var} rank={a.rank}: off {t_off * 1e3:.2f} ms, "
           f"noise {t_on * 1e3:.2f} ms, ratio {t_on / t_off:.3f}")
 
 
