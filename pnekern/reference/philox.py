@@ -23,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1", "PHILOX_ROUNDS",
-    "philox4x32_10", "philox_counters", "philox_words", "uniform_open0", "box_muller", "box_muller_pair",
+    "philox4x32_10", "philox_counters", "philox_words", "uniform_open0", "box_muller_pair",
     "philox_uniform", "philox_normal",
 ]
 
@@ -115,11 +115,6 @@ def _element_words(seed: int, step: int, tensor_idx: int, numel: int, offset: in
 def uniform_open0(words: Tensor) -> Tensor:
     """uint32 words (int64 tensor) → float32 uniforms ((w >> 8) + 1) · 2^-24 ∈ (0, 1], exact."""
     return ((words >> 8) + 1).to(torch.float32) * (2.0**-24)
-
-
-def box_muller(u1: Tensor, u2: Tensor) -> Tensor:
-    """The cos normal of each pair of fp32 uniforms in (0, 1]: sqrt(-2 ln u1) · cos(2π u2), in fp32."""
-    return box_muller_pair(u1, u2)[0]
 
 
 def box_muller_pair(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:

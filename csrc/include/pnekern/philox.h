@@ -17,7 +17,8 @@
 //   ρ  = sqrt(-2 ln u1),  θ = fp32(2π · u2)
 //   z  = ρ · cos θ  (l even),   z = ρ · sin θ  (l odd)               (Box–Muller: both normals of each pair)
 // and the uniform of element e is uniform_open0(out[l]). Four normals per Philox evaluation and one log and sqrt per
-// two normals: the CPU kernels' in-step noise costs under half of one-counter-per-element (benchmarks/RESULTS.md).
+// two normals: the CPU kernels' in-step noise takes 0.46–0.59 of the time of one counter per element
+// (benchmarks/RESULTS.md).
 //
 // uniform_open0(x) = ((x >> 8) + 1) * 2^-24: the top 24 bits of the word, shifted to (0, 1]. Every step is exact in
 // fp32, so uniforms agree bit for bit on every backend; u1 > 0 keeps log finite. The normal goes through log/sin/cos,
@@ -120,8 +121,8 @@ PNEKERN_HD float normal(uint64_t seed, uint64_t elem, uint32_t tensor_idx, uint3
   return box_muller(uniform_open0(out.v[pair]), uniform_open0(out.v[pair + 1]), (lane & 1u) != 0);
 }
 
-// Portable fp32 log/cos (no libm): bitwise identical on every ISA level and compiler; what the CPU kernels' in-step
-// noise uses (normal_poly.inc). Agrees with normal() / the reference to ~1e-6.
+// Portable fp32 log/sin/cos (no libm): bitwise identical on every ISA level and compiler; what the CPU and CUDA
+// kernels' in-step noise uses (normal_poly.inc). Agrees with normal() / the reference to ~1e-6.
 #define PNEKERN_POLY_FN PNEKERN_HD
 #include "pnekern/normal_poly.inc"
 #undef PNEKERN_POLY_FN
