@@ -126,9 +126,10 @@ AdamWCall prepare_adamw(at::TensorList params, at::TensorList grads, at::TensorL
     const at::Tensor& st = *stats_out;
     TORCH_CHECK(st.scalar_type() == at::kDouble, op, ": stats_out must be float64, got ", st.scalar_type());
     TORCH_CHECK(st.dim() == 2 && st.size(0) == static_cast<int64_t>(n) &&
-                    (st.size(1) == kAdamWStatsCols || st.size(1) == kAdamWTraceStatsCols),
-                op, ": stats_out must have shape [", n, ", ", kAdamWStatsCols, "] (all sums) or [", n, ", ",
-                kAdamWTraceStatsCols, "] (Σ g² and Σ a_prev² g² only), got ", st.sizes());
+                    valid_stats_cols(static_cast<int>(st.size(1))),
+                op, ": stats_out must have shape [", n, ", ", kAdamWStatsCols, "] (all sums), [", n, ", ",
+                kAdamWNewStatsCols, "] (Σ g², Σ a_new² g², Σ a_new² q) or [", n, ", ", kAdamWTraceStatsCols,
+                "] (Σ g² and Σ a_prev² g² only), got ", st.sizes());
     call.stats_cols = static_cast<int>(st.size(1));
     TORCH_CHECK(st.is_contiguous(), op, ": stats_out must be contiguous");
     TORCH_CHECK(st.device() == device, op, ": stats_out is on ", st.device(), " but params are on ", device);
@@ -329,13 +330,14 @@ void check_microbatch(const at::Tensor& acc, const at::Tensor& x, const std::opt
 
 void microbatch_accumulate_cpu_impl(const at::Tensor& acc, const at::Tensor& x, const std::optional<at::Tensor>& v,
                                     double inv_sqrt_bc2, double eps, double scale,
-                                    const std::optional<at::Tensor>& sumsq) {
+                                    const std::optional<at::Tensor>& sumsq, bool assign_sumsq) {
   TORCH_CHECK(x.device().is_cpu(), "microbatch_accumulate_: x must be a CPU tensor, got ", x.device());
   check_microbatch(acc, x, v, sumsq);
   microbatch_accumulate_cpu(to_dtype(x.scalar_type()), x.data_ptr(), v.has_value() ? v->data_ptr() : nullptr,
                             x.numel(), static_cast<float>(inv_sqrt_bc2), static_cast<float>(eps),
                             static_cast<float>(scale), acc.data_ptr<double>(),
-                            sumsq.has_value() ? sumsq->data_ptr<float>() : nullptr, at::get_num_threads());
+                            sumsq.has_value() ? sumsq->data_ptr<float>() : nullptr, at::get_num_threads(),
+                            assign_sumsq);
 }
 
 #ifdef PNEKERN_WITH_CUDA
@@ -390,7 +392,7 @@ void adamw_step_meta(at::TensorList, at::TensorList, at::TensorList, at::TensorL
                      std::optional<at::TensorList>, std::optional<at::TensorList>, std::optional<at::TensorList>) {}
 
 void microbatch_accumulate_meta(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-                                double, const std::optional<at::Tensor>&) {}
+                                double, const std::optional<at::Tensor>&, bool) {}
 
 }  // namespace
 }  // namespace pnekern
@@ -405,7 +407,7 @@ TORCH_LIBRARY(pnekern, m) {
       "Tensor[]? noise_basis=None, Tensor[]? noise_coef=None) -> ()");
   m.def(
       "microbatch_accumulate_(Tensor(a!) acc, Tensor x, Tensor? v, float inv_sqrt_bc2, float eps, float scale, "
-      "Tensor(b!)? sumsq) -> ()");
+      "Tensor(b!)? sumsq, bool assign_sumsq=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pnekern, CPU, m) {

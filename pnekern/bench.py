@@ -23,7 +23,8 @@ so slow drifts of a shared machine hit all of them alike):
 Bytes moved (fp32, per parameter; DRAM traffic, counting the line a pure write allocates):
     step 28 (read p, g, m, v; write p, m, v) · noise +4 (δ) or +20 (δ, U r=4) · copy 12 (read b, write+allocate a) · triad 16 (read b, c; write+allocate a)
     stats section, K micro-batches: accumulation 8 + 12(K−1) (autograd copies the first gradient, adds the rest)
-    + capture K·8 (trace: read x, v) or K·16 + 4 (diag: read x, v, read+write Σx², zeroed once) + step 28 (+4 diag).
+    + capture K·8 (trace: read x, v) or K·16 (diag: read x, v; the first contribution writes Σx², the others read
+    and write it) + step 28 (+4 diag: read Σx²).
 GB/s = bytes / median time; ``frac_of_triad`` = GB/s / the triad's GB/s at the same size and thread count.
 """
 from __future__ import annotations
@@ -209,7 +210,7 @@ def bytes_per_param(section: str, stats: str = "off", micro_batches: int = 0, el
         if stats == "trace":
             capture = 8 * k
         elif stats in ("diag", "lowrank"):
-            capture, step = 16 * k + 4, 32  # lowrank: its d×r sketch traffic is not counted
+            capture, step = 16 * k, 32  # lowrank: its d×r sketch traffic is not counted
         return (accum + capture + step) * scale
     if section == "noise":
         return (BYTES_PER_PARAM_FP32 + {"off": 0, "diag": 4, "lowrank4": 20}[stats]) * scale

@@ -187,13 +187,16 @@ def microbatch_accumulate_(
     eps: float,
     scale: float = 1.0,
     sumsq: Tensor | None = None,
+    assign_sumsq: bool = False,
 ) -> None:
-    """Accumulate one gradient contribution's (Σx², Σa²x²) into ``acc`` [2] float64 (and ``sumsq`` += x²)."""
+    """Accumulate one gradient contribution's (Σx², Σa²x²) into ``acc`` [2] float64 (and ``sumsq`` += x², or
+    ``sumsq`` = x² with ``assign_sumsq``: a step's first contribution, so the buffer needs no zeroing pass)."""
+    a = bool(assign_sumsq)
     if backend == "triton":
         from .kernels import library as _triton_ops
 
-        _triton_ops.microbatch_accumulate_op(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
+        _triton_ops.microbatch_accumulate_op(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq, a)
     elif backend == "cpp" and x.is_contiguous() and (v is None or v.is_contiguous()):
-        torch.ops.pnekern.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq)
+        torch.ops.pnekern.microbatch_accumulate_(acc, x, v, float(inv_sqrt_bc2), float(eps), float(scale), sumsq, a)
     else:
-        _ref_adamw.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq)
+        _ref_adamw.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq, a)

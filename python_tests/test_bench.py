@@ -65,7 +65,7 @@ def test_byte_model():
     assert bench.bytes_per_param("step") == 28
     assert bench.bytes_per_param("triad") == 16 and bench.bytes_per_param("copy") == 12
     off, trace, diag = (bench.bytes_per_param("stats", s, 4) for s in ("off", "trace", "diag"))
-    assert off == 8 + 12 * 3 + 28 and trace == off + 32 and diag == off + 4 * 16 + 4 + 4
+    assert off == 8 + 12 * 3 + 28 and trace == off + 32 and diag == off + 4 * 16 + 4
 
 
 def test_update_markdown_replaces_only_its_device(tmp_path):

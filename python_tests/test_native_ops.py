@@ -211,10 +211,11 @@ def _stats_reference(g, v_prev, v_new, step, hp, q):
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("with_sumsq", [False, True])
-@pytest.mark.parametrize("ncols", [4, 2])
+@pytest.mark.parametrize("ncols", [4, 3, 2])
 def test_stats_out_matches_float64(ops, amsgrad, with_sumsq, ncols):
     # ncols 2 (trace mode): only Σ g² and Σ a_prev² g², from the kernel's divider-light loop from step 2 on (step 1
-    # has a_prev = 1 and takes the full loop).
+    # has a_prev = 1 and takes the full loop). ncols 3 (A_t rows): columns 0, 2, 3, from the loop without a_prev
+    # when there are sumsq buffers, else sliced from the full loop.
     gen = torch.Generator().manual_seed(4)
     hp = _hp(amsgrad, maximize=True)
     st = _make_state(SIZES, torch.float32, gen, amsgrad)
@@ -229,23 +230,24 @@ def test_stats_out_matches_float64(ops, amsgrad, with_sumsq, ncols):
         v_new = st["max_exp_avg_sqs"] if amsgrad else st["exp_avg_sqs"]
         for i in range(len(SIZES)):
             want = _stats_reference(grads[i], v_prev[i], v_new[i], step, hp, sumsq[i] if with_sumsq else None)
-            torch.testing.assert_close(stats[i], want[:ncols], rtol=1e-5, atol=0.0, msg=f"step {step} tensor {i}")
+            want = want[[0, 2, 3]] if ncols == 3 else want[:ncols]
+            torch.testing.assert_close(stats[i], want, rtol=1e-5, atol=0.0, msg=f"step {step} tensor {i}")
 
 
 def test_trace_stats_rows_skip_and_shape(ops):
-    # A found_inf step zeroes a 2-column row like a 4-column one; a width other than 2 or 4 is rejected by name.
+    # A found_inf step zeroes a 2-column row like a 4-column one; a width other than 2, 3 or 4 is rejected by name.
     gen = torch.Generator().manual_seed(6)
     st = _make_state(SIZES, torch.float32, gen, False)
     grads = [torch.randn(n, generator=gen) for n in SIZES]
     stats = torch.full((len(SIZES), 2), float("nan"), dtype=torch.float64)
     _native_step(ops, st, grads, _hp(), found_inf=torch.tensor(1.0), stats_out=stats)
     assert torch.equal(stats, torch.zeros_like(stats))
-    with pytest.raises(RuntimeError, match=r"stats_out must have shape .*\[2, 4\].*\[2, 2\]"):
+    with pytest.raises(RuntimeError, match=r"stats_out must have shape .*\[2, 4\].*\[2, 3\].*\[2, 2\]"):
         _native_step(ops, _make_state(SIZES[:2], torch.float32, gen, False), grads[:2], _hp(),
-                     stats_out=torch.empty(2, 3, dtype=torch.float64))
+                     stats_out=torch.empty(2, 5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("ncols", [4, 2])
+@pytest.mark.parametrize("ncols", [4, 3, 2])
 def test_stats_deterministic_across_thread_counts(ops, ncols):
     gen = torch.Generator().manual_seed(5)
     hp = _hp()
@@ -260,7 +262,8 @@ def test_stats_deterministic_across_thread_counts(ops, ncols):
             torch.set_num_threads(nthreads)
             for _ in range(2):  # step 2 has a previous state (the trace loop)
                 stats = torch.empty(len(sizes), ncols, dtype=torch.float64)
-                _native_step(ops, st, [g.clone() for g in grads], hp, stats_out=stats)
+                sumsq = [g.square() for g in grads] if ncols == 3 else []  # the A_t loop needs sumsq buffers
+                _native_step(ops, st, [g.clone() for g in grads], hp, sumsq_bufs=sumsq, stats_out=stats)
                 out.append(stats)
     finally:
         torch.set_num_threads(old)
@@ -275,10 +278,11 @@ def test_stats_deterministic_across_thread_counts(ops, ncols):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6), (torch.float16, 1e-6)])
 @pytest.mark.parametrize("with_v", [False, True])
-@pytest.mark.parametrize("with_sumsq", [False, True])
-def test_microbatch_accumulate_matches_float64(ops, dtype, rtol, with_v, with_sumsq):
+@pytest.mark.parametrize("with_sumsq,assign_first", [(False, False), (True, False), (True, True)])
+def test_microbatch_accumulate_matches_float64(ops, dtype, rtol, with_v, with_sumsq, assign_first):
     # The inputs are exactly representable in `dtype`; the sums are over fp32 products accumulated in double, so
-    # the tolerance does not depend on the storage dtype.
+    # the tolerance does not depend on the storage dtype. assign_first: the first call overwrites the buffer's
+    # random start values (the engine's first contribution of a step) and the second adds.
     gen = torch.Generator().manual_seed(6)
     inv_sqrt_bc2, eps, scale = 1.0 / math.sqrt(1 - 0.999**3), 1e-8, 0.5
     for n in SIZES:
@@ -286,15 +290,17 @@ def test_microbatch_accumulate_matches_float64(ops, dtype, rtol, with_v, with_su
         want = acc.clone()
         sumsq = torch.rand(n, generator=gen) if with_sumsq else None
         want_sumsq = sumsq.double() if with_sumsq else None
-        for _ in range(2):
+        for call in range(2):
             x = torch.randn(n, generator=gen).to(dtype)
             v = (torch.randn(n, generator=gen) * 1e-2).square().to(dtype) if with_v else None
-            ops.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq)
+            assign = assign_first and call == 0
+            ops.microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq, assign)
             y2 = (scale * x.double()) ** 2
             a = 1.0 / (v.double().sqrt() * inv_sqrt_bc2 + eps) if with_v else torch.ones_like(y2)
             want += torch.stack([y2.sum(), (a * a * y2).sum()])
             if with_sumsq:
-                want_sumsq = (want_sumsq.float() + y2.float()).double()  # the buffer is fp32: one rounding per call
+                before = torch.zeros_like(want_sumsq) if assign else want_sumsq
+                want_sumsq = (before.float() + y2.float()).double()  # the buffer is fp32: one rounding per call
         torch.testing.assert_close(acc, want, rtol=1e-5 if with_v else rtol, atol=0.0, msg=f"n={n}")
         if with_sumsq:
             torch.testing.assert_close(sumsq.double(), want_sumsq, rtol=1e-6, atol=0.0)
@@ -411,9 +417,9 @@ def test_cpu_isa_info_and_bad_level_is_rejected(ops):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("amsgrad", [False, True])
-@pytest.mark.parametrize("ncols", [4, 2])
+@pytest.mark.parametrize("ncols", [4, 3, 2])
 def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad, ncols):
-    # ncols 2 without sumsq buffers runs the trace-only stats loop.
+    # ncols 2 without sumsq buffers runs the trace-only stats loop, ncols 3 with them the loop without a_prev.
     mod = importlib.import_module("pnekern._C")
     levels = _isa_levels()
     before = mod.cpu_isa()
@@ -431,7 +437,7 @@ def test_isa_levels_are_bitwise_identical(ops, dtype, amsgrad, ncols):
                 sumsq = [torch.rand(n, generator=gen) for n in sizes]
                 ops.microbatch_accumulate_(acc, grads[-1], st["exp_avg_sqs"][-1], 1.3, 1e-8, 0.5, sumsq[-1])
                 stats = torch.empty(len(sizes), ncols, dtype=torch.float64)
-                _native_step(ops, st, grads, hp, sumsq_bufs=sumsq if ncols == 4 else [], stats_out=stats)
+                _native_step(ops, st, grads, hp, sumsq_bufs=sumsq if ncols != 2 else [], stats_out=stats)
                 stats_rows.append(stats)
             results[level] = [*st["params"], *st["exp_avgs"], *st["exp_avg_sqs"], *st["max_exp_avg_sqs"],
                               *stats_rows, acc]

@@ -59,6 +59,7 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   const TensorCoeffs* coeff_list = coeffs.data();
   const int cols = h.stats_cols;
   const bool trace_only = cols == kAdamWTraceStatsCols;
+  const bool new_only = cols == kAdamWNewStatsCols;
 
   // Static schedule: chunks are equal-sized, so contiguous blocks of chunks balance well and each thread streams
   // through neighbouring memory.
@@ -69,8 +70,10 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     const Chunk& ch = chunk_list[ci];
     const AdamWTensor& t = tensors[ch.tensor];
-    // Trace rows skip a_new; at step 1 (a_prev = 1) the full loop gives column 1 = column 0 exactly.
+    // Trace rows skip a_new; at step 1 (a_prev = 1) the full loop gives column 1 = column 0 exactly. A_t rows
+    // skip a_prev; without a sumsq buffer they take the full loop (column 3 is then 0).
     const int stats_mode = stats == nullptr                                     ? kNoStats
+                           : t.sumsq != nullptr && new_only                     ? kStatsNewWithSumsq
                            : t.sumsq != nullptr                                 ? kStatsWithSumsq
                            : trace_only && coeff_list[ch.tensor].has_prev       ? kStatsTrace
                                                                                 : kStats;
@@ -84,7 +87,7 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
     for (int64_t i = 0; i < ntensors * cols; ++i) stats[i] = 0.0;
     for (int64_t ci = 0; ci < nchunks; ++ci) {
       double* row = stats + chunks[ci].tensor * cols;
-      for (int k = 0; k < cols; ++k) row[k] += partials[ci * kAdamWStatsCols + k];
+      for (int k = 0; k < cols; ++k) row[k] += partials[ci * kAdamWStatsCols + stats_row_source(cols, k)];
     }
   }
 }
@@ -94,9 +97,9 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
 void adamw_step_cpu(DType dtype, const AdamWTensor* tensors, int64_t ntensors, const AdamWHyper& hyper,
                     const float* grad_scale, const float* found_inf, double* stats, int nthreads) {
   PNEKERN_CHECK(ntensors >= 0, "ntensors must be >= 0, got " << ntensors);
-  PNEKERN_CHECK(hyper.stats_cols == kAdamWStatsCols || hyper.stats_cols == kAdamWTraceStatsCols,
-                "stats_cols must be " << kAdamWStatsCols << " or " << kAdamWTraceStatsCols << ", got "
-                                      << hyper.stats_cols);
+  PNEKERN_CHECK(valid_stats_cols(hyper.stats_cols),
+                "stats_cols must be " << kAdamWStatsCols << ", " << kAdamWNewStatsCols << " or "
+                                      << kAdamWTraceStatsCols << ", got " << hyper.stats_cols);
   PNEKERN_CHECK(ntensors == 0 || tensors != nullptr, "tensors is null");
   for (int64_t i = 0; i < ntensors; ++i) {
     const AdamWTensor& t = tensors[i];

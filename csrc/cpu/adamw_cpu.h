@@ -20,7 +20,7 @@ constexpr int64_t kAdamWChunk = 1 << 16;
 //   found_inf:  optional; when *found_inf != 0 nothing is modified (the caller must then not count the step) and the
 //               stats rows are zeroed.
 //   stats:      optional [ntensors][hyper.stats_cols] doubles, overwritten (stats_cols 2: columns [0] and [1]
-//               only). With g the unscaled (and maximize-signed) gradient:
+//               only; stats_cols 3: columns [0], [2], [3]). With g the unscaled (and maximize-signed) gradient:
 //                 [0] Σ g²
 //                 [1] Σ a_prev² g²   a_prev = 1/(sqrt(v_prev)/sqrt(1-β2^(step-1)) + eps), v_prev the second moment
 //                                     before this step (max_exp_avg_sq with amsgrad); a_prev = 1 when step-1 == 0

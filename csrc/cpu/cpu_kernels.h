@@ -17,8 +17,9 @@ namespace pnekern {
 // Statistics mode of an AdamW chunk: none, the three gradient sums, those plus Σ a_new² q (a sumsq buffer exists), or
 // only Σ g² and Σ a_prev² g² (trace mode's two columns; partial[2..3] are written as 0). kStatsTrace is the cheap
 // one: no a_new, no blend, a_prev = 1/d_prev from one division. The driver uses kStats for it when there is no
-// previous state (a_prev = 1), so kStatsTrace may assume has_prev.
-enum AdamWStatsMode : int { kNoStats = 0, kStats = 1, kStatsWithSumsq = 2, kStatsTrace = 3 };
+// previous state (a_prev = 1), so kStatsTrace may assume has_prev. kStatsNewWithSumsq is kStatsWithSumsq without
+// column 1 (written as 0): a_new = 1/denom is its only extra divider op (A_t rows, diag/lowrank mode).
+enum AdamWStatsMode : int { kNoStats = 0, kStats = 1, kStatsWithSumsq = 2, kStatsTrace = 3, kStatsNewWithSumsq = 4 };
 
 // Call-wide AdamW scalars, already rounded to fp32 the way torch rounds them.
 struct AdamWScalars {
@@ -48,8 +49,9 @@ using AdamWChunkFn = void (*)(const AdamWScalars& s, int stats_mode, const AdamW
                               int64_t begin, int64_t end, double* partial);
 
 // Elements [begin, begin+n) of microbatch_accumulate_cpu's x (and v, sumsq); out: double[2], overwritten.
-using MicrobatchChunkFn = void (*)(DType dtype, const void* x, const void* v, float* sumsq, int64_t begin, int64_t n,
-                                   float inv_sqrt_bc2, float eps, float scale, double* out);
+// assign_sumsq: sumsq[i] = y² instead of += y² (the step's first contribution; no zeroing pass, no read).
+using MicrobatchChunkFn = void (*)(DType dtype, const void* x, const void* v, float* sumsq, bool assign_sumsq,
+                                   int64_t begin, int64_t n, float inv_sqrt_bc2, float eps, float scale, double* out);
 
 struct CpuKernels {
   AdamWChunkFn adamw_chunk;
@@ -60,8 +62,8 @@ struct CpuKernels {
   namespace ns {                                                                                                   \
   void adamw_chunk(const AdamWScalars& s, int stats_mode, const AdamWTensor& t, const TensorCoeffs& c,             \
                    int64_t begin, int64_t end, double* partial);                                                   \
-  void microbatch_chunk(DType dtype, const void* x, const void* v, float* sumsq, int64_t begin, int64_t n,         \
-                        float inv_sqrt_bc2, float eps, float scale, double* out);                                  \
+  void microbatch_chunk(DType dtype, const void* x, const void* v, float* sumsq, bool assign_sumsq, int64_t begin, \
+                        int64_t n, float inv_sqrt_bc2, float eps, float scale, double* out);                       \
   }
 
 PNEKERN_DECLARE_CPU_KERNELS(isa_baseline)

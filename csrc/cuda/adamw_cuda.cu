@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
     for (int k = 0; k < kAdamWStatsCols; ++k) acc[k] += partials[(t.first_chunk + c) * kAdamWStatsCols + k];
   block_sum4<kAdamWCudaThreads>(acc, shared);
   if (threadIdx.x == 0)
-    for (int k = 0; k < cols; ++k) stats[blockIdx.x * cols + k] = acc[k];
+    for (int k = 0; k < cols; ++k)  // stats_row_source(cols, k), spelled out: host constexpr is not device code
+      stats[blockIdx.x * cols + k] = acc[cols == kAdamWNewStatsCols && k > 0 ? k + 1 : k];
 }
 
 template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>
@@ -262,10 +263,10 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
                      const float* grad_scale, const float* found_inf, double* stats, void* workspace,
                      size_t workspace_bytes, cudaStream_t stream) {
   if (ntensors <= 0) return;
-  if (hyper.stats_cols != kAdamWStatsCols && hyper.stats_cols != kAdamWTraceStatsCols) {
+  if (!valid_stats_cols(hyper.stats_cols)) {
     std::ostringstream os;
-    os << "adamw_step_cuda: stats_cols must be " << kAdamWStatsCols << " or " << kAdamWTraceStatsCols << ", got "
-       << hyper.stats_cols;
+    os << "adamw_step_cuda: stats_cols must be " << kAdamWStatsCols << ", " << kAdamWNewStatsCols << " or "
+       << kAdamWTraceStatsCols << ", got " << hyper.stats_cols;
     throw std::invalid_argument(os.str());
   }
   const int64_t nchunks = count_chunks(tensors, ntensors);
@@ -363,7 +364,8 @@ void adamw_step_cuda(DType dtype, const AdamWTensor* tensors, int64_t ntensors, 
   }
   if (want_stats) {
     // Tensors with zero chunks (numel 0) still get a zero row from the finalize kernel. A trace-only row
-    // (stats_cols 2) keeps the first two sums: the GPU step is bandwidth-bound, so computing all four costs nothing.
+    // (stats_cols 2) keeps the first two sums and an A_t row (3) columns 0, 2, 3: the GPU step is bandwidth-bound,
+    // so computing all four costs nothing.
     adamw_stats_finalize_kernel<<<static_cast<unsigned>(ntensors), kAdamWCudaThreads, 0, stream>>>(
         dt, partials, stats, hyper.stats_cols);
     PNEKERN_CUDA_CHECK(cudaGetLastError());

@@ -1,5 +1,6 @@
 // microbatch_accumulate_cpu against a scalar double loop: both sums, the optional sumsq buffer, v = null (a = 1),
-// accumulation across calls, odd sizes, all three storage dtypes, and thread-count independence.
+// accumulation across calls, assign_sumsq on the first call (the buffer's old values must be gone), odd sizes, all
+// three storage dtypes, and thread-count independence.
 #include "cpu/microbatch_cpu.h"
 
 #include <cmath>
@@ -21,9 +22,10 @@ void run(DType dtype) {
   const float eps = 1e-8f, scale = 0.25f;
   for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{1023}, int64_t{65537}, int64_t{200001}}) {
     for (bool with_v : {false, true}) {
-      for (bool with_sumsq : {false, true}) {
+      for (int sumsq_mode = 0; sumsq_mode < 3; ++sumsq_mode) {  // none, accumulate, assign on the first call
+        const bool with_sumsq = sumsq_mode > 0, assign_first = sumsq_mode == 2;
         const std::string ctx = std::string(dtype_name(dtype)) + " n=" + std::to_string(n) +
-                                " v=" + std::to_string(with_v) + " sumsq=" + std::to_string(with_sumsq);
+                                " v=" + std::to_string(with_v) + " sumsq_mode=" + std::to_string(sumsq_mode);
         std::vector<T> x(static_cast<size_t>(n)), v(static_cast<size_t>(n));
         std::vector<float> sumsq = pnekern_test::randn(rng, n), ref_sumsq;
         for (auto& q : sumsq) q = q * q;
@@ -37,14 +39,15 @@ void run(DType dtype) {
             v[i] = Storage<T>::store(vs[i] * vs[i]);
           }
           microbatch_accumulate_cpu(dtype, x.data(), with_v ? v.data() : nullptr, n, inv_sqrt_bc2, eps, scale, acc,
-                                    with_sumsq ? sumsq.data() : nullptr, 2);
+                                    with_sumsq ? sumsq.data() : nullptr, 2, assign_first && call == 0);
           for (int64_t i = 0; i < n; ++i) {
             const double y = static_cast<double>(scale) * Storage<T>::load(x[i]);
             const double a =
                 with_v ? 1.0 / (std::sqrt(static_cast<double>(Storage<T>::load(v[i]))) * inv_sqrt_bc2 + eps) : 1.0;
             ref[0] += y * y;
             ref[1] += a * a * y * y;
-            ref_sumsq[i] = static_cast<float>(ref_sumsq[i] + y * y);
+            const double before = assign_first && call == 0 ? 0.0 : static_cast<double>(ref_sumsq[i]);
+            ref_sumsq[i] = static_cast<float>(before + y * y);
           }
         }
         EXPECT_TRUE(close(acc[0], ref[0], 1e-6, 0.0), "%s acc[0] %.12g vs %.12g", ctx.c_str(), acc[0], ref[0]);

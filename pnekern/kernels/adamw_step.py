@@ -31,7 +31,7 @@ from torch import Tensor
 from . import interpreter_enabled
 from ._common import TL_DTYPES, TableCache, launch_config, segment_sum, to_storage
 from .philox import philox_normal_elem
-from ..reference.adamw import TRACE_STATS_COLS
+from ..reference.adamw import PRECOND_NEW_STATS_COLS, TRACE_STATS_COLS
 
 __all__ = ["adamw_step_", "STATS_COLS"]
 
@@ -278,8 +278,9 @@ def adamw_step_(
         raise RuntimeError(f"adamw_step_: sumsq_bufs must be empty or one per param: got {n} params but "
                            f"{len(sumsq_bufs)} sumsq_bufs")
     if stats_out is not None:
-        if tuple(stats_out.shape) not in ((n, STATS_COLS), (n, TRACE_STATS_COLS)):
-            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}] (all sums) or "
+        if tuple(stats_out.shape) not in ((n, STATS_COLS), (n, PRECOND_NEW_STATS_COLS), (n, TRACE_STATS_COLS)):
+            raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {STATS_COLS}] (all sums), "
+                               f"[{n}, {PRECOND_NEW_STATS_COLS}] (Σ g², Σ a_new² g², Σ a_new² q) or "
                                f"[{n}, {TRACE_STATS_COLS}] (Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
         if stats_out.dtype != torch.float64:
             raise RuntimeError(f"adamw_step_: stats_out must be float64, got {stats_out.dtype}")
@@ -354,8 +355,8 @@ def adamw_step_(
     stats_buf = None
     partials = coef
     if stats_out is not None:
-        # A 2-column (trace) row keeps the first two sums of the full row: the GPU step is bandwidth-bound, so one
-        # kernel computing all four costs nothing extra there.
+        # A 2-column (trace) row keeps the first two sums of the full row and a 3-column (A_t) row columns 0, 2, 3:
+        # the GPU step is bandwidth-bound, so one kernel computing all four costs nothing extra there.
         full = stats_out.shape[1] == STATS_COLS and stats_out.is_contiguous()
         stats_buf = stats_out if full else torch.empty((n, STATS_COLS), dtype=torch.float64, device=device)
         partials = torch.empty((nchunks, STATS_COLS), dtype=torch.float64, device=device)
@@ -389,7 +390,8 @@ def adamw_step_(
     if stats_out is not None:
         segment_sum(partials, seg_start, stats_buf, accumulate=False)
         if stats_buf is not stats_out:
-            stats_out.copy_(stats_buf[:, : stats_out.shape[1]])
+            cols = [0, 2, 3] if stats_out.shape[1] == PRECOND_NEW_STATS_COLS else list(range(stats_out.shape[1]))
+            stats_out.copy_(stats_buf[:, cols])
     for dst, src in write_back:
         dst.copy_(src)
     _count_step(state_steps, found_inf)

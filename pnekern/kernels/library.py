@@ -69,12 +69,12 @@ def _adamw_step_fake(*args, **kwargs) -> None:  # in-place only: nothing to allo
 @custom_op("pnekern_triton::microbatch_accumulate_", mutates_args=("acc", "sumsq"))
 def microbatch_accumulate_op(
     acc: Tensor, x: Tensor, v: Optional[Tensor], inv_sqrt_bc2: float, eps: float, scale: float,
-    sumsq: Optional[Tensor],
+    sumsq: Optional[Tensor], assign_sumsq: bool = False,
 ) -> None:
     """(Σx², Σa²x²) of one contribution into ``acc`` and x² into ``sumsq``; see the launcher."""
     from .microbatch_accumulate import microbatch_accumulate_
 
-    microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq)
+    microbatch_accumulate_(acc, x, v, inv_sqrt_bc2, eps, scale, sumsq, assign_sumsq)
 
 
 @microbatch_accumulate_op.register_fake

@@ -2,7 +2,7 @@
 
 Same signature and semantics as ``pnekern.reference.adamw.microbatch_accumulate_``:
 acc[0] += Σ (scale·x)², acc[1] += Σ a² (scale·x)² with a = 1/(sqrt(v)·inv_sqrt_bc2 + eps) (a = 1 without v), and
-``sumsq += (scale·x)²`` elementwise when a diag-mode buffer is given. fp32 math per element, per-block fp32 sums,
+``sumsq += (scale·x)²`` (``= (scale·x)²`` with ``assign_sumsq``) elementwise when a diag-mode buffer is given. fp32 math per element, per-block fp32 sums,
 float64 partials summed in a fixed order by a second kernel that also adds into ``acc`` (deterministic, no atomics,
 no host reads: the hook can run every micro-batch without a sync).
 """
@@ -32,6 +32,7 @@ def _microbatch_accumulate_kernel(
     scale,
     HAS_V: tl.constexpr,
     HAS_SUMSQ: tl.constexpr,
+    ASSIGN_SUMSQ: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -48,8 +49,11 @@ def _microbatch_accumulate_kernel(
     tl.store(partials_ptr + pid * 2 + 0, tl.sum(y2, axis=0).to(tl.float64))
     tl.store(partials_ptr + pid * 2 + 1, tl.sum(s1, axis=0).to(tl.float64))
     if HAS_SUMSQ:
-        q = tl.load(sumsq_ptr + offs, mask=mask, other=0.0)
-        tl.store(sumsq_ptr + offs, q + y2, mask=mask)
+        if ASSIGN_SUMSQ:
+            tl.store(sumsq_ptr + offs, y2, mask=mask)
+        else:
+            q = tl.load(sumsq_ptr + offs, mask=mask, other=0.0)
+            tl.store(sumsq_ptr + offs, q + y2, mask=mask)
 
 
 def microbatch_accumulate_(
@@ -60,8 +64,10 @@ def microbatch_accumulate_(
     eps: float,
     scale: float,
     sumsq: Tensor | None = None,
+    assign_sumsq: bool = False,
 ) -> None:
-    """Accumulate one contribution's (Σx², Σa²x²) into ``acc`` (float64 [2]) and ``sumsq`` (fp32, += x²) in place.
+    """Accumulate one contribution's (Σx², Σa²x²) into ``acc`` (float64 [2]) and ``sumsq`` (fp32, += x², or = x²
+    with ``assign_sumsq``) in place.
 
     x / v: fp32, bf16 or fp16 (v the same dtype as x), same number of elements; non-contiguous inputs are read
     through contiguous copies.
@@ -89,7 +95,8 @@ def microbatch_accumulate_(
         return
     xc = x.contiguous()
     vc = v.contiguous() if v is not None else xc
-    qc = sumsq if sumsq is None or sumsq.is_contiguous() else sumsq.contiguous()
+    qc = sumsq if sumsq is None or sumsq.is_contiguous() else (
+        torch.empty(x.shape, dtype=torch.float32, device=x.device) if assign_sumsq else sumsq.contiguous())
     acc_c = acc if acc.is_contiguous() else acc.contiguous()
 
     block, num_warps = launch_config(numel)
@@ -98,7 +105,8 @@ def microbatch_accumulate_(
     _microbatch_accumulate_kernel[(nprog,)](
         xc, vc, qc if qc is not None else partials, partials, numel,
         float(inv_sqrt_bc2), float(eps), float(scale),
-        HAS_V=v is not None, HAS_SUMSQ=sumsq is not None, BLOCK=block, num_warps=num_warps,
+        HAS_V=v is not None, HAS_SUMSQ=sumsq is not None, ASSIGN_SUMSQ=bool(assign_sumsq), BLOCK=block,
+        num_warps=num_warps,
     )
     seg = _tables.get((x.device, nprog),
                       lambda: torch.tensor([0, nprog], dtype=torch.int64).to(x.device, non_blocking=True))

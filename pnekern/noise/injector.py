@@ -572,10 +572,12 @@ class NoiseInjector:
                     # Natural-noise statistics must see the clean gradient ḡ, not ḡ + ε.
                     old = rows[id(p)]
                     cols = [e.rows_pre[0], e.rows_pre[1]]
-                    if old.shape[0] == 4:  # trace-mode rows have only the first two columns
+                    if old.shape[0] > 2:  # trace-mode rows have only the first two columns
                         g64 = p.grad.to(torch.float64)  # clean and already unscaled (a skipped step's row is zeroed)
                         a64 = a_new.to(torch.float64)
-                        cols += [(a64 * a64 * g64 * g64).sum(), old[3].to(torch.float64)]
+                        cols += [(a64 * a64 * g64 * g64).sum(), old[-1].to(torch.float64)]
+                        if old.shape[0] == 3:  # A_t rows: columns 0, 2, 3
+                            del cols[1]
                     row = torch.stack(cols)
                     row = row.to(old.device)
                     if skip is not None:

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
-from ..reference.adamw import STATS_COLUMNS, TRACE_STATS_COLS
+from ..reference.adamw import PRECOND_NEW_STATS_COLS, TRACE_STATS_COLS
 from ..noise.config import NoiseConfig
 from ..noise.injector import NoiseInjector
 from ..stats.engine import STATE_KEY as STATS_STATE_KEY
@@ -444,9 +444,10 @@ class AdamW(torch.optim.AdamW):
             for (backend, device, _), b in buckets.items():
                 stats_out = None
                 if measuring:
-                    # Trace mode reads only Σ g² and Σ a_prev² g²; asking for just those two columns lets the CPU
-                    # kernel skip A_t (about half its statistics work, benchmarks/RESULTS.md).
-                    ncols = TRACE_STATS_COLS if stats.mode == "trace" else len(STATS_COLUMNS)
+                    # Trace mode reads only Σ g² and Σ a_prev² g², diag/lowrank only Σ g², Σ a_t² g² and Σ a_t² q:
+                    # asking for just those columns lets the CPU kernel skip A_t, or A_{t−1} (a sqrt and a division
+                    # per element either way, benchmarks/RESULTS.md).
+                    ncols = TRACE_STATS_COLS if stats.mode == "trace" else PRECOND_NEW_STATS_COLS
                     stats_out = torch.empty(len(b["params"]), ncols, dtype=torch.float64, device=device)
                 ops.adamw_step_(
                     backend,

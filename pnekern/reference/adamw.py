@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .philox import philox_normal
 
-__all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "TRACE_STATS_COLS", "NOISE_MODES"]
+__all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "TRACE_STATS_COLS",
+           "PRECOND_NEW_STATS_COLS", "NOISE_MODES"]
 
 #: In-step noise modes (the ``noise_mode`` argument, SPEC §5): 0 off; 1 gradient space into v (g ← g + ε before m
 #: and v); 2 gradient space outside v (m and the update use g + ε, v uses g); 3 parameter space (after the update
@@ -24,11 +25,14 @@ NOISE_MODES = {"off": 0, "into_v": 1, "outside_v": 2, "param": 3}
 #: 1: Σ a_prev² g²  with a_prev = 1/(sqrt(v_{t-1}/bc2_{t-1}) + eps) (all ones before the first step),
 #: 2: Σ a_new² g²   with a_new = 1/denom of this step (A_t),
 #: 3: Σ a_new² q    with q the optional per-tensor sum-of-squares buffer (diag mode), 0 without one.
-#: ``stats_out`` is [N, 4] (all four) or [N, 2] (columns 0–1 only: trace mode, which needs no A_t, and whose CPU
-#: kernel then does about half the statistics work).
+#: ``stats_out`` is [N, 4] (all four), [N, 2] (columns 0–1 only: trace mode, which needs no A_t, and whose CPU
+#: kernel then does about half the statistics work) or [N, 3] (columns 0, 2, 3: diag/lowrank mode, which needs no
+#: A_{t−1}, so the CPU kernel skips a sqrt and a division per element).
 STATS_COLUMNS = ("grad_sq", "precond_prev_grad_sq", "precond_new_grad_sq", "precond_new_sumsq")
 #: Width of a trace-mode ``stats_out`` row (its columns 0–1).
 TRACE_STATS_COLS = 2
+#: Width of an A_t ``stats_out`` row (columns 0, 2, 3 of ``STATS_COLUMNS``).
+PRECOND_NEW_STATS_COLS = 3
 
 
 def step_noise(
@@ -120,8 +124,9 @@ def adamw_step_(
             (what torch's fused AdamW does for GradScaler).
         found_inf: optional 0-dim tensor; when nonzero nothing at all changes and the step does not count.
         sumsq_bufs: empty, or N fp32 tensors (Σ_k x_k² per element, diag mode) used by stats column 3.
-        stats_out: optional float64 tensor [N, 4] (or [N, 2]: columns 0–1) overwritten with the per-tensor sums in
-            ``STATS_COLUMNS``.
+        stats_out: optional float64 tensor [N, 4] overwritten with the per-tensor sums in ``STATS_COLUMNS``, or
+            [N, 2] (columns 0–1, trace mode) or [N, 3] (columns 0, 2, 3: ``PRECOND_NEW_STATS_COLS``, diag/lowrank
+            mode, which never reads A_{t−1}).
         noise_mode: ``NOISE_MODES`` value; 0 (default) ignores every other noise argument.
         noise_seed, noise_counter: the Philox key (uint64; the C++ op takes it as int64 two's complement) and step
             word. noise_tensor_idx: N Philox tensor words.
@@ -133,8 +138,10 @@ def adamw_step_(
     """
     n = len(params)
     full_cols = len(STATS_COLUMNS)
-    if stats_out is not None and tuple(stats_out.shape) not in ((n, full_cols), (n, TRACE_STATS_COLS)):
-        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {full_cols}] (all sums) or "
+    if stats_out is not None and tuple(stats_out.shape) not in (
+            (n, full_cols), (n, PRECOND_NEW_STATS_COLS), (n, TRACE_STATS_COLS)):
+        raise RuntimeError(f"adamw_step_: stats_out must have shape [{n}, {full_cols}] (all sums), "
+                           f"[{n}, {PRECOND_NEW_STATS_COLS}] (Σ g², Σ a_new² g², Σ a_new² q) or "
                            f"[{n}, {TRACE_STATS_COLS}] (Σ g² and Σ a_prev² g² only), got {tuple(stats_out.shape)}")
     noise_mode = int(noise_mode)
     if noise_mode not in NOISE_MODES.values():
@@ -217,13 +224,15 @@ def adamw_step_(
             else:
                 a_prev = torch.ones_like(g64)
             row = [gsq.sum(), (a_prev * a_prev * gsq).sum()]
-            if stats_out.shape[1] == full_cols:
+            if stats_out.shape[1] != TRACE_STATS_COLS:
                 a_new = 1.0 / denom.to(torch.float64)
                 row.append((a_new * a_new * gsq).sum())
                 if len(sumsq_bufs):
                     row.append((a_new * a_new * sumsq_bufs[i].to(torch.float64)).sum())
                 else:
                     row.append(torch.zeros((), dtype=torch.float64, device=g.device))
+                if stats_out.shape[1] == PRECOND_NEW_STATS_COLS:
+                    del row[1]
             row_t = torch.stack([r.to(stats_out.device) for r in row])
             if skip is not None:
                 row_t = torch.where(skip.to(stats_out.device), torch.zeros_like(row_t), row_t)
@@ -254,6 +263,7 @@ def microbatch_accumulate_(
     eps: float,
     scale: float,
     sumsq: Tensor | None = None,
+    assign_sumsq: bool = False,
 ) -> None:
     """Accumulate one micro-batch gradient contribution's squared norms (SPEC §2, trace/diag modes).
 
@@ -268,6 +278,8 @@ def microbatch_accumulate_(
         eps: Adam's eps.
         scale: multiplier applied to x first (e.g. 1/loss_scale under AMP).
         sumsq: optional fp32 buffer, updated in place.
+        assign_sumsq: ``sumsq = (scale·x)²`` instead of ``+=`` (a step's first contribution: the statistics engine
+            never zeroes the buffer between steps).
     """
     xs = x.to(torch.float64) * scale
     sq = xs * xs
@@ -279,4 +291,7 @@ def microbatch_accumulate_(
     acc[0] += sq.sum().to(acc.device)
     acc[1] += s1.to(acc.device)
     if sumsq is not None:
-        sumsq.add_(sq.to(sumsq.dtype))
+        if assign_sumsq:
+            sumsq.copy_(sq)
+        else:
+            sumsq.add_(sq.to(sumsq.dtype))

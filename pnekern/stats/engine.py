@@ -3,8 +3,10 @@
 How it works:
   * a tensor hook on every parameter sees each backward's contribution x_k before autograd adds it to p.grad;
     it accumulates Σ_k‖x_k‖² and Σ_k‖A x_k‖² (trace mode: two float64 scalars per tensor, no per-element memory),
-    plus Σ_k x_k² per element (diag mode) or a Nyström sketch Σ_k x_k(x_kᵀΩ) (lowrank mode);
-  * the optimizer's fused step returns per-tensor ‖ḡ‖², ‖A_{t-1}ḡ‖², ‖A_t ḡ‖², Σ a_t² q (``STATS_COLUMNS``);
+    plus Σ_k x_k² per element (diag mode) or a Nyström sketch Σ_k x_k(x_kᵀΩ) (lowrank mode); a step's first
+    contribution overwrites those buffers, so they are never zeroed;
+  * the optimizer's fused step returns per-tensor ‖ḡ‖², ‖A_{t-1}ḡ‖², ‖A_t ḡ‖², Σ a_t² q (``STATS_COLUMNS``), or
+    only the columns the mode reads (trace: the first two; diag/lowrank: all but ‖A_{t-1}ḡ‖²);
   * :meth:`NoiseStats.finish_step` combines both into unbiased trace estimates, the noise scale and the exposure
     integrals, as device tensors; nothing is read on the host until the user asks.
 """
@@ -422,6 +424,7 @@ class NoiseStats:
         self.tail_coords = int(tail_coords) if mode in ("diag", "lowrank") else 0
         self._tail_pool = torch.empty(0, dtype=torch.float64)
         self._tail_pool_size = int(tail_pool)
+        self._tail_order_cache: tuple[Any, Tensor] | None = None  # (layout key, _tail_order permutation)
         self._tail_pos = 0
         self._tail_filled = 0
         _ENGINES.add(self)
@@ -560,6 +563,7 @@ class NoiseStats:
         state["_optimizer_ref"] = self.optimizer
         state["slots"] = list(self.slots.values())
         state["_backend_cache"] = {}
+        state["_tail_order_cache"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -568,6 +572,7 @@ class NoiseStats:
         self.__dict__.update(state)
         self._optimizer_ref = weakref.ref(optimizer) if optimizer is not None else (lambda: None)
         self._backend_cache = {}
+        self._tail_order_cache = None
         self.slots = {}
         for slot in slots:
             self.slots[id(slot.param)] = slot
@@ -659,7 +664,10 @@ class NoiseStats:
                 # fp32 like the kernels' math; float64 parameters keep float64 (the reference path handles them).
                 qdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
                 sumsq = slot.sumsq = torch.zeros(x.shape, dtype=qdtype, device=x.device)
-        ops.microbatch_accumulate_(backend, slot.acc, x, v, inv_sqrt_bc2, eps, 1.0, sumsq)
+        # A step's first contribution assigns x² instead of adding it: the buffers are never zeroed between steps
+        # (a separate pass over 4 B/param that cost ~0.4 plain steps on the CPU, benchmarks/RESULTS.md).
+        first = slot.count == 0
+        ops.microbatch_accumulate_(backend, slot.acc, x, v, inv_sqrt_bc2, eps, 1.0, sumsq, first)
         if self.calibrator is not None:
             self._capture_calibration(slot, x, v, inv_sqrt_bc2, eps)
         if self.mode == "lowrank":
@@ -668,7 +676,10 @@ class NoiseStats:
             proj = flat @ omega  # [r]
             if slot.sketch is None or slot.sketch.shape[0] != flat.numel():
                 slot.sketch = torch.zeros(flat.numel(), omega.shape[1], dtype=torch.float32, device=flat.device)
-            slot.sketch.addr_(flat, proj)
+            if first:
+                torch.outer(flat, proj, out=slot.sketch)
+            else:
+                slot.sketch.addr_(flat, proj)
         if self.tail_coords:
             flat_x = x.reshape(-1)
             if slot.tail_idx is None:
@@ -700,35 +711,70 @@ class NoiseStats:
 
     @torch.no_grad()
     def _collect_tail_samples(self, slots: Sequence[_ParamSlot]) -> None:
-        """Standardize this step's deviations by the previous step's variance; refresh that variance."""
+        """Standardize this step's deviations by the previous step's variance; refresh that variance.
+
+        Slots with the same contribution count (and device) are handled together, a few tensor ops for all of them:
+        per slot the ops cost ~0.1 ms, 15 ms a step for a 148-tensor model. The pool receives exactly what a
+        per-slot loop gives: each slot's [n, kept coordinates] block row by row, slot after slot.
+        """
+        groups: dict[tuple[int, torch.device], list[_ParamSlot]] = {}
         for s in slots:
             n = len(s.tail_x)
             if n < 2:
                 s.tail_x = []
                 continue
-            xs = torch.stack(s.tail_x)  # [n, m] local contributions
-            s.tail_x = []
+            groups.setdefault((n, s.tail_x[0].device), []).append(s)
+        for (n, device), group in groups.items():
+            ms = [s.tail_x[0].numel() for s in group]
+            # Row k: the k-th contribution's samples of every slot side by side (one cat, not a stack per slot).
+            xs = torch.cat([s.tail_x[k] for k in range(n) for s in group]).view(n, -1)
+            prev = [s.tail_prev_var if s.tail_prev_var is not None and s.tail_prev_var.shape == (m,) else None
+                    for s, m in zip(group, ms)]
+            for s in group:
+                s.tail_x = []
             var = xs.var(dim=0, unbiased=True)
-            if s.tail_prev_var is not None and s.tail_prev_var.shape == var.shape:
-                keep = s.tail_prev_var > 0
-                dev = (xs - xs.mean(dim=0, keepdim=True))[:, keep] / s.tail_prev_var[keep].sqrt()
-                self._tail_push((dev * math.sqrt(n / (n - 1.0))).reshape(-1))
-            s.tail_prev_var = var
+            if any(pv is not None for pv in prev):
+                # Coordinates without a previous variance get 0 and so drop out with the zero-variance ones.
+                prev_cat = torch.cat([pv if pv is not None else var.new_zeros(m) for pv, m in zip(prev, ms)])
+                dev = ((xs - xs.mean(dim=0, keepdim=True)) / prev_cat.sqrt()) * math.sqrt(n / (n - 1.0))
+                perm = self._tail_order(n, ms, device)
+                keep = (prev_cat > 0).expand(n, -1).reshape(-1)[perm]
+                self._tail_push(dev.reshape(-1)[perm][keep])
+            for s, v in zip(group, var.split(ms)):
+                s.tail_prev_var = v
+
+    def _tail_order(self, n: int, ms: list[int], device: torch.device) -> Tensor:
+        """Flat indices of an [n, Σms] matrix listing each column block [n, m_i] row by row, block after block."""
+        key = (n, tuple(ms), device)
+        cached = self._tail_order_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        width = sum(ms)
+        idx = torch.arange(n * width, device=device).view(n, width)
+        perm = torch.cat([blk.reshape(-1) for blk in idx.split(ms, dim=1)])
+        self._tail_order_cache = (key, perm)
+        return perm
 
     def _tail_push(self, samples: Tensor) -> None:
+        """Append to the ring: sample i of the call lands at (pos + i) mod size, the same for one call or many."""
         if self._tail_pool.numel() == 0:
             self._tail_pool = torch.zeros(self._tail_pool_size, dtype=torch.float64, device=samples.device)
-        samples = samples[-self._tail_pool_size:]
+        size = self._tail_pool_size
         k = samples.numel()
-        end = self._tail_pos + k
-        if end <= self._tail_pool_size:
-            self._tail_pool[self._tail_pos:end] = samples
+        pos = self._tail_pos
+        if k > size:  # only the last `size` survive, at the positions sequential pushes would give them
+            pos = (pos + k - size) % size
+            samples = samples[-size:]
+        m = samples.numel()
+        end = pos + m
+        if end <= size:
+            self._tail_pool[pos:end] = samples
         else:
-            first = self._tail_pool_size - self._tail_pos
-            self._tail_pool[self._tail_pos:] = samples[:first]
-            self._tail_pool[: k - first] = samples[first:]
-        self._tail_pos = end % self._tail_pool_size
-        self._tail_filled = min(self._tail_pool_size, self._tail_filled + k)
+            first = size - pos
+            self._tail_pool[pos:] = samples[:first]
+            self._tail_pool[: m - first] = samples[first:]
+        self._tail_pos = (self._tail_pos + k) % size
+        self._tail_filled = min(size, self._tail_filled + k)
 
     def tail_index(self, num_boot: int = 200, ci: float = 0.95, block: int | None = None, seed: int = 0) -> Any:
         """α-stable tail index of the micro-batch gradient noise (SPEC §3), with a bootstrap CI.
@@ -811,25 +857,21 @@ class NoiseStats:
         return omega
 
     def reset(self) -> None:
-        """Drop this step's accumulated contributions (called after each step and by zero_grad)."""
+        """Drop this step's accumulated contributions (called after each step and by zero_grad).
+
+        The per-element buffers (diag Σx², the lowrank sketch) keep their values: ``count == 0`` marks them unused,
+        and the next step's first contribution overwrites them.
+        """
         accs: list[Tensor] = []
-        bufs: list[Tensor] = []
         for slot in self.slots.values():
             if slot.count:
                 accs.append(slot.acc)
                 slot.count = 0
-                if slot.sumsq is not None:
-                    bufs.append(slot.sumsq)
-                if slot.sketch is not None:
-                    bufs.append(slot.sketch)
             slot.tail_x = []
             slot.precond = None
             slot.omega = None
-        # One multi-tensor call per kind instead of one zero_() per parameter.
         if accs:
-            torch._foreach_zero_(accs)
-        if bufs:
-            torch._foreach_zero_(bufs)
+            torch._foreach_zero_(accs)  # one multi-tensor call instead of one zero_() per parameter
 
     # ------------------------------------------------------------------ step
     def sumsq_buffer(self, p: Tensor) -> Tensor | None:
@@ -880,7 +922,8 @@ class NoiseStats:
 
         Args:
             rows: id(param) -> float64 [4] row (``STATS_COLUMNS``) for every parameter stepped this time, or [2]
-                (its first two columns) when ``precond == "prev"``.
+                (its first two columns) when ``precond == "prev"``, or [3] (its columns 0, 2, 3) when
+                ``precond == "new"``; every row of a call has the same width.
             lrs: id(param) -> the learning rate its group used.
             found_inf: GradScaler's flag; a flagged step contributes no exposure and is marked ``skipped``.
             grad_scale: the loss scale still applied to the captured contributions (divided out here).
@@ -910,8 +953,8 @@ class NoiseStats:
         world, group = self._world()
         slots = [self.slots[pid] for pid in rows if pid in self.slots]
         counts = [s.count for s in slots]
-        # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q]; the last two are absent when the step
-        # wrote trace-mode rows (2 columns), which precond="prev" never reads.
+        # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q] from 4-column rows; trace-mode rows
+        # (2 columns) stop after |A_{t-1} g|² and A_t rows (3 columns) have no |A_{t-1} g|².
         if not slots:
             self.reset()
             return None
@@ -935,9 +978,13 @@ class NoiseStats:
             sums = table[:, :3].contiguous()
             dist.all_reduce(sums, group=group)  # only scalars cross the network
             table[:, :3] = sums
+        width = table.shape[1] - 3
+        if width not in (2, 3, 4) or (width == 2 and precond != "prev") or (width == 3 and precond != "new"):
+            raise RuntimeError(f"finish_step: rows of {width} columns cannot give precond={precond!r} statistics")
+        g2_a_col, s1_a_col = (4, 1) if precond == "prev" else ((5, 6) if width == 4 else (4, 5))
         # Columns quadratic in the captured contributions (S1, S1A, Σ a_t² q): the loss scale and clip coefficient
         # enter squared. Rows of 2 columns (trace mode) have no Σ a_t² q.
-        sq_cols = [0, 1, 6] if table.shape[1] > 6 else [0, 1]
+        sq_cols = [0, 1] if width == 2 else [0, 1, table.shape[1] - 1]
         if grad_scale is None and self.grad_scaler is not None:
             # The user unscaled p.grad explicitly (scaler.unscale_, e.g. for clipping): the captured contributions
             # still carry the loss scale.
@@ -954,9 +1001,9 @@ class NoiseStats:
         n = table[:, 2]
         w2 = float(world * world)
         g2 = table[:, 3]
-        g2_a = table[:, 4] if precond == "prev" else table[:, 5]
+        g2_a = table[:, g2_a_col]
         s1 = table[:, 0]
-        s1_a = table[:, 1] if precond == "prev" else table[:, 6]
+        s1_a = table[:, s1_a_col]
         # SPEC §2: diag Σ_step = n s² / W², s² = (Σx² − (Σx)²/n)/(n−1), Σx = W·p.grad.
         denom = (n - 1.0) * w2
         valid = n >= 2

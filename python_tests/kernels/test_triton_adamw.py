@@ -85,9 +85,10 @@ def test_step_and_stats_match_reference(dtype, rtol, atol, amsgrad, maximize, we
         torch.testing.assert_close(stats.cpu(), stats_ref.cpu(), rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.parametrize("ncols", [4, 2])
+@pytest.mark.parametrize("ncols", [4, 3, 2])
 def test_many_small_tensors_one_launch(ncols):
-    # ncols 2: the trace-mode rows (the first two sums), sliced from the full kernel's rows.
+    # ncols 2: the trace-mode rows (the first two sums), ncols 3 the A_t rows (columns 0, 2, 3), sliced from the
+    # full kernel's rows.
     gen = torch.Generator().manual_seed(2)
     sizes = [int(n) for n in torch.randint(1, 300, (60,), generator=gen)] + [0, 5]  # an empty tensor too
     hp = _hp(amsgrad=True)
@@ -97,9 +98,16 @@ def test_many_small_tensors_one_launch(ncols):
         grads = [torch.randn(n, generator=gen).to(DEVICE) for n in sizes]
         stats = torch.full((len(sizes), ncols), float("nan"), dtype=torch.float64, device=DEVICE)
         stats_ref = torch.empty_like(stats)
-        _step(ref.adamw_step_, want, [g.clone() for g in grads], hp, stats_out=stats_ref)
-        _step(tk.adamw_step_, ours, [g.clone() for g in grads], hp, stats_out=stats)
+        sumsq = [g.square() + 1.0 for g in grads]
+        want_before = copy.deepcopy(want)
+        _step(ref.adamw_step_, want, [g.clone() for g in grads], hp, sumsq_bufs=sumsq, stats_out=stats_ref)
+        _step(tk.adamw_step_, ours, [g.clone() for g in grads], hp, sumsq_bufs=sumsq, stats_out=stats)
         torch.testing.assert_close(stats.cpu(), stats_ref.cpu(), rtol=1e-5, atol=0.0)
+        if ncols == 3:  # the reference's own columns: Σ g², Σ a_new² g², Σ a_new² q of its full row
+            full = torch.empty(len(sizes), 4, dtype=torch.float64, device=DEVICE)
+            _step(ref.adamw_step_, copy.deepcopy(want_before), [g.clone() for g in grads], hp, sumsq_bufs=sumsq,
+                  stats_out=full)
+            assert torch.equal(stats_ref, full[:, [0, 2, 3]])
     _assert_state_close(ours, want, 2e-6, 1e-7)
     assert stats[len(sizes) - 2].tolist() == [0.0] * ncols  # the empty tensor's row
 

@@ -1,5 +1,6 @@
 """Triton micro-batch accumulate (pnekern.kernels.microbatch_accumulate) against the reference op: the S1 sums
-(Σx², Σa²x²) per contribution and the diag-mode sum of squares, over odd sizes and fp32/bf16/fp16 inputs."""
+(Σx², Σa²x²) per contribution and the diag-mode sum of squares (accumulated, or assigned by a step's first
+contribution), over odd sizes and fp32/bf16/fp16 inputs."""
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_v", [False, True])
-@pytest.mark.parametrize("with_sumsq", [False, True])
-def test_matches_reference(dtype, with_v, with_sumsq):
+@pytest.mark.parametrize("with_sumsq,assign_first", [(False, False), (True, False), (True, True)])
+def test_matches_reference(dtype, with_v, with_sumsq, assign_first):
     gen = torch.Generator().manual_seed(0)
     sizes = SIZES if dtype == torch.float32 and with_v else SIZES[:3]
     for n in sizes:
@@ -34,12 +35,18 @@ def test_matches_reference(dtype, with_v, with_sumsq):
         v = (torch.rand(n, generator=gen) * 1e-3).to(dtype).to(DEVICE) if with_v else None
         for k in range(2):  # two contributions
             x = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
+            x_first = x if k == 0 else x_first
             scale = 0.25 if k else 1.0
-            tk.microbatch_accumulate_(acc, x, v, 1.3, 1e-8, scale, q)
-            ref.microbatch_accumulate_(acc_ref, x, v, 1.3, 1e-8, scale, q_ref)
+            assign = assign_first and k == 0  # the random start values must then be gone
+            tk.microbatch_accumulate_(acc, x, v, 1.3, 1e-8, scale, q, assign)
+            ref.microbatch_accumulate_(acc_ref, x, v, 1.3, 1e-8, scale, q_ref, assign)
         torch.testing.assert_close(acc.cpu(), acc_ref.cpu(), rtol=2e-6, atol=0.0, msg=lambda m: f"n={n}: {m}")
         if with_sumsq:
             torch.testing.assert_close(q.cpu(), q_ref.cpu(), rtol=2.0**-23, atol=0.0)
+            if assign_first:  # the reference's own contract: the start values are gone
+                y0 = x_first.double().square()
+                want = (y0.float() + (0.25 * x.double()).square().float()).cpu()
+                torch.testing.assert_close(q_ref.cpu(), want, rtol=2.0**-23, atol=0.0)
 
 
 def test_non_contiguous_inputs_and_dispatch():
@@ -53,6 +60,10 @@ def test_non_contiguous_inputs_and_dispatch():
     ref.microbatch_accumulate_(acc_ref, x, v, 1.0, 1e-8, 2.0, q_ref)
     torch.testing.assert_close(acc.cpu(), acc_ref.cpu(), rtol=2e-6, atol=0.0)
     torch.testing.assert_close(q.cpu(), q_ref.cpu(), rtol=2.0**-23, atol=0.0)
+    # assign into a non-contiguous buffer: written back through the launcher's contiguous copy
+    q.fill_(7.0)
+    ops.microbatch_accumulate_("triton", acc, x, v, 1.0, 1e-8, 2.0, q, True)
+    torch.testing.assert_close(q.cpu(), (2.0 * x.double()).square().float().cpu(), rtol=2.0**-23, atol=0.0)
 
 
 def test_deterministic_and_empty():

@@ -222,3 +222,58 @@ def test_optimizer_tail_index_on_synthetic_noise(alpha):
     assert abs(res.alpha - alpha) < 0.2, res
     with pytest.raises(RuntimeError, match="diag"):
         pnekern.AdamW([torch.zeros(2, requires_grad=True)], stats="trace").tail_index()
+
+
+def _per_slot_tail_oracle(steps, pool_size):
+    """The tail pool a plain per-parameter loop builds: for each measured step and each parameter with n >= 2
+    contributions, (x − mean)/sqrt(previous variance)·sqrt(n/(n−1)) over coordinates whose previous variance is > 0,
+    row by row; samples appended to a ring one at a time."""
+    prev, ring, pos, filled = {}, [0.0] * pool_size, 0, 0
+    for contribs in steps:  # {param index: [n, m] float64 samples}
+        for i, xs in contribs.items():
+            n = xs.shape[0]
+            var = xs.var(dim=0, unbiased=True)
+            pv = prev.get(i)
+            if pv is not None and pv.shape == var.shape:
+                keep = pv > 0
+                dev = (xs - xs.mean(dim=0, keepdim=True))[:, keep] / pv[keep].sqrt() * math.sqrt(n / (n - 1.0))
+                for v in dev.reshape(-1).tolist():
+                    ring[pos] = v
+                    pos = (pos + 1) % pool_size
+                    filled = min(pool_size, filled + 1)
+            prev[i] = var
+    return torch.tensor(ring, dtype=torch.float64), pos, filled
+
+
+@pytest.mark.parametrize("pool", [1 << 16, 500])
+def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
+    # Several parameters (one with always-zero coordinates, one missing a step's contributions), grouped and
+    # vectorized in the engine, must give the pool a per-parameter loop gives, in the same order; pool=500 wraps
+    # the ring within one step.
+    g = torch.Generator().manual_seed(9)
+    params = [torch.zeros(n, requires_grad=True) for n in (300, 7, 1000, 64)]
+    opt = pnekern.AdamW(params, lr=1e-4, stats="diag", tail_coords=400)
+    eng = opt.noise_stats
+    eng._tail_pool_size = pool  # the engine's tail_pool argument (AdamW keeps the default); nothing pushed yet
+    steps = []
+    for step in range(4):
+        K = 3 if step != 2 else 4
+        recorded = {}
+        for k in range(K):
+            for i, p in enumerate(params):
+                if i == 3 and step == 1:
+                    continue  # no contribution to this one this step
+                x = torch.randn(p.numel(), generator=g) * (i + 1)
+                if i == 0:
+                    x[:50] = 0.0  # zero variance: dropped by the standardization
+                p.backward(x)
+        for i, p in enumerate(params):
+            slot = eng.slots[id(p)]
+            if len(slot.tail_x) >= 2:
+                recorded[i] = torch.stack(slot.tail_x)
+        steps.append(recorded)
+        opt.step()
+        opt.zero_grad()
+    ring, pos, filled = _per_slot_tail_oracle(steps, pool)
+    assert eng._tail_filled == filled and eng._tail_pos == pos
+    torch.testing.assert_close(eng._tail_pool, ring, rtol=1e-12, atol=0.0)

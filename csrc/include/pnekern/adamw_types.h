@@ -6,9 +6,18 @@
 
 namespace pnekern {
 
-// Number of columns of a full stats row, and of a trace-only row (its first two columns); see adamw_step_cpu.
+// Number of columns of a full stats row, of a trace-only row (its first two columns), and of an A_t row (columns
+// 0, 2, 3: what the diag/lowrank statistics read, without a_prev); see adamw_step_cpu.
 constexpr int kAdamWStatsCols = 4;
 constexpr int kAdamWTraceStatsCols = 2;
+constexpr int kAdamWNewStatsCols = 3;
+
+// The full-row column that column k of a `cols`-wide row holds.
+inline constexpr int stats_row_source(int cols, int k) { return cols == kAdamWNewStatsCols && k > 0 ? k + 1 : k; }
+
+inline constexpr bool valid_stats_cols(int cols) {
+  return cols == kAdamWStatsCols || cols == kAdamWTraceStatsCols || cols == kAdamWNewStatsCols;
+}
 
 // AdamW hyper-parameters of one call (one param group). Python floats arrive as double; the kernel rounds them to
 // fp32 exactly where torch's foreach=False path does (scalars of fp32 tensor ops).
@@ -33,8 +42,9 @@ struct AdamWHyper {
   bool noise_has_mult = false;  // false: no multiply (not even by 1)
   float noise_mult = 1.0f;      // sqrt(controller scale), rounded to fp32
   double noise_param_coef = 0.0;  // η·sqrt(κ) (param mode), rounded to fp32 once
-  // Columns of each stats row: kAdamWStatsCols (all four sums) or kAdamWTraceStatsCols (Σ g², Σ a_prev² g² only:
-  // trace mode, whose per-element work is then about half).
+  // Columns of each stats row: kAdamWStatsCols (all four sums), kAdamWTraceStatsCols (Σ g², Σ a_prev² g² only:
+  // trace mode, whose per-element work is then about half) or kAdamWNewStatsCols (Σ g², Σ a_new² g², Σ a_new² q:
+  // diag/lowrank mode, which never reads a_prev, so the CPU kernel skips its sqrt and division).
   int stats_cols = kAdamWStatsCols;
 };
 
