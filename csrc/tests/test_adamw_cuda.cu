@@ -73,7 +73,7 @@ void run(DType dtype, int variant, bool amsgrad, bool maximize, bool scaled, boo
   h.noise_has_mult = noise_mode != 0;
   h.noise_mult = 1.3f;
   h.noise_param_coef = 0.05;
-  h.stats_cols = cols;  // kAdamWTraceStatsCols: both kernels write only Σ g², Σ a_prev² g²
+  h.stats_cols = cols;  // 2: both kernels write only Σ g², Σ a_prev² g²; 3: Σ g², Σ a_new² g², Σ a_new² q
   const size_t nt = sizes.size();
   std::vector<std::vector<T>> bufs[5];  // p, g, m, v, vmax
   std::vector<std::vector<float>> q(nt);
@@ -199,6 +199,9 @@ int main() {
   // Trace-mode rows (2 columns), with and without sumsq buffers.
   run<float>(DType::kFloat32, variant++, false, false, true, false, false, 0, 0, kAdamWTraceStatsCols);
   run<float>(DType::kFloat32, variant++, true, true, false, false, true, 0, 0, kAdamWTraceStatsCols);
+  // A_t rows (3 columns: 0, 2, 3): the CPU's loop without a_prev (sumsq buffers) or its full loop, sliced.
+  run<float>(DType::kFloat32, variant++, false, false, true, false, true, 0, 0, kAdamWNewStatsCols);
+  run<bf16_t>(DType::kBFloat16, variant++, true, true, false, false, false, kNoiseIntoV, 2, kAdamWNewStatsCols);
   if (g_failures) {
     std::printf("test_adamw_cuda: %d failure(s)\n", g_failures);
     return 1;
