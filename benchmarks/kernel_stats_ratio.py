@@ -28,8 +28,8 @@ def main() -> None:
     q = [torch.rand(n, generator=state[-1])] if a.sumsq else []
     t_off, t_on = interleaved_medians(
         lambda on: timed_step(state, stats_out=out, sumsq_bufs=q) if on else timed_step(state), a.repeat)
-    print(f"numel={n} threads={a.threads} cols={a.cols} sumsq={a.sumsq}: off {t_off * 1e3:.2f} ms, stats {t_on * 1e3:.2f} ms, "
-          f"ratio {t_on / t_off:.3f}")
+    print(f"numel={n} threads={a.threads} cols={a.cols} sumsq={a.sumsq}: off {t_off * 1e3:.2f} ms, "
+          f"stats {t_on * 1e3:.2f} ms, ratio {t_on / t_off:.3f}")
 
 
 if __name__ == "__main__":

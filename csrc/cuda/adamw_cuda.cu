@@ -216,8 +216,7 @@ __global__ void __launch_bounds__(kAdamWCudaThreads)
     for (int k = 0; k < kAdamWStatsCols; ++k) acc[k] += partials[(t.first_chunk + c) * kAdamWStatsCols + k];
   block_sum4<kAdamWCudaThreads>(acc, shared);
   if (threadIdx.x == 0)
-    for (int k = 0; k < cols; ++k)  // stats_row_source(cols, k), spelled out: host constexpr is not device code
-      stats[blockIdx.x * cols + k] = acc[cols == kAdamWNewStatsCols && k > 0 ? k + 1 : k];
+    for (int k = 0; k < cols; ++k) stats[blockIdx.x * cols + k] = acc[stats_row_source(cols, k)];
 }
 
 template <typename T, bool AMSGRAD, bool STATS, bool UNSCALE>

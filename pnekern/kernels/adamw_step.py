@@ -31,7 +31,7 @@ from torch import Tensor
 from . import interpreter_enabled
 from ._common import TL_DTYPES, TableCache, launch_config, segment_sum, to_storage
 from .philox import philox_normal_elem
-from ..reference.adamw import PRECOND_NEW_STATS_COLS, TRACE_STATS_COLS
+from ..reference.adamw import PRECOND_NEW_COLUMNS, PRECOND_NEW_STATS_COLS, TRACE_STATS_COLS
 
 __all__ = ["adamw_step_", "STATS_COLS"]
 
@@ -390,8 +390,12 @@ def adamw_step_(
     if stats_out is not None:
         segment_sum(partials, seg_start, stats_buf, accumulate=False)
         if stats_buf is not stats_out:
-            cols = [0, 2, 3] if stats_out.shape[1] == PRECOND_NEW_STATS_COLS else list(range(stats_out.shape[1]))
-            stats_out.copy_(stats_buf[:, cols])
+            if stats_out.shape[1] == PRECOND_NEW_STATS_COLS:
+                # Column by column: indexing with a list would copy an index tensor to the device every step.
+                for j, c in enumerate(PRECOND_NEW_COLUMNS):
+                    stats_out[:, j].copy_(stats_buf[:, c])
+            else:
+                stats_out.copy_(stats_buf[:, : stats_out.shape[1]])
     for dst, src in write_back:
         dst.copy_(src)
     _count_step(state_steps, found_inf)

@@ -2,9 +2,9 @@
 
 Same signature and semantics as ``pnekern.reference.adamw.microbatch_accumulate_``:
 acc[0] += Σ (scale·x)², acc[1] += Σ a² (scale·x)² with a = 1/(sqrt(v)·inv_sqrt_bc2 + eps) (a = 1 without v), and
-``sumsq += (scale·x)²`` (``= (scale·x)²`` with ``assign_sumsq``) elementwise when a diag-mode buffer is given. fp32 math per element, per-block fp32 sums,
-float64 partials summed in a fixed order by a second kernel that also adds into ``acc`` (deterministic, no atomics,
-no host reads: the hook can run every micro-batch without a sync).
+``sumsq += (scale·x)²`` (``= (scale·x)²`` with ``assign_sumsq``) elementwise when a diag-mode buffer is given.
+fp32 math per element, per-block fp32 sums, float64 partials summed in a fixed order by a second kernel that also
+adds into ``acc`` (deterministic, no atomics, no host reads: the hook can run every micro-batch without a sync).
 """
 from __future__ import annotations
 

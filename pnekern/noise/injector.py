@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..reference.adamw import PRECOND_NEW_COLUMNS, PRECOND_NEW_STATS_COLS
 from ..stats.engine import StepStats, _to_host, bias_corrected_coefficient, nystrom
 from .config import DiagonalTarget, IsotropicTarget, LowRankTarget, NoiseConfig
 from .controller import ExposureController
@@ -576,8 +577,8 @@ class NoiseInjector:
                         g64 = p.grad.to(torch.float64)  # clean and already unscaled (a skipped step's row is zeroed)
                         a64 = a_new.to(torch.float64)
                         cols += [(a64 * a64 * g64 * g64).sum(), old[-1].to(torch.float64)]
-                        if old.shape[0] == 3:  # A_t rows: columns 0, 2, 3
-                            del cols[1]
+                        if old.shape[0] == PRECOND_NEW_STATS_COLS:
+                            cols = [cols[c] for c in PRECOND_NEW_COLUMNS]
                     row = torch.stack(cols)
                     row = row.to(old.device)
                     if skip is not None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .philox import philox_normal
 
 __all__ = ["adamw_step_", "microbatch_accumulate_", "step_noise", "STATS_COLUMNS", "TRACE_STATS_COLS",
-           "PRECOND_NEW_STATS_COLS", "NOISE_MODES"]
+           "PRECOND_NEW_COLUMNS", "PRECOND_NEW_STATS_COLS", "NOISE_MODES"]
 
 #: In-step noise modes (the ``noise_mode`` argument, SPEC §5): 0 off; 1 gradient space into v (g ← g + ε before m
 #: and v); 2 gradient space outside v (m and the update use g + ε, v uses g); 3 parameter space (after the update
@@ -31,8 +31,9 @@ NOISE_MODES = {"off": 0, "into_v": 1, "outside_v": 2, "param": 3}
 STATS_COLUMNS = ("grad_sq", "precond_prev_grad_sq", "precond_new_grad_sq", "precond_new_sumsq")
 #: Width of a trace-mode ``stats_out`` row (its columns 0–1).
 TRACE_STATS_COLS = 2
-#: Width of an A_t ``stats_out`` row (columns 0, 2, 3 of ``STATS_COLUMNS``).
-PRECOND_NEW_STATS_COLS = 3
+#: The ``STATS_COLUMNS`` an A_t ``stats_out`` row holds, and its width.
+PRECOND_NEW_COLUMNS = (0, 2, 3)
+PRECOND_NEW_STATS_COLS = len(PRECOND_NEW_COLUMNS)
 
 
 def step_noise(
@@ -232,7 +233,7 @@ def adamw_step_(
                 else:
                     row.append(torch.zeros((), dtype=torch.float64, device=g.device))
                 if stats_out.shape[1] == PRECOND_NEW_STATS_COLS:
-                    del row[1]
+                    row = [row[c] for c in PRECOND_NEW_COLUMNS]
             row_t = torch.stack([r.to(stats_out.device) for r in row])
             if skip is not None:
                 row_t = torch.where(skip.to(stats_out.device), torch.zeros_like(row_t), row_t)

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "pnekern/macros.h"
+
 namespace pnekern {
 
 // Number of columns of a full stats row, of a trace-only row (its first two columns), and of an A_t row (columns
@@ -12,8 +14,8 @@ constexpr int kAdamWStatsCols = 4;
 constexpr int kAdamWTraceStatsCols = 2;
 constexpr int kAdamWNewStatsCols = 3;
 
-// The full-row column that column k of a `cols`-wide row holds.
-inline constexpr int stats_row_source(int cols, int k) { return cols == kAdamWNewStatsCols && k > 0 ? k + 1 : k; }
+// The full-row column that column k of a `cols`-wide row holds (the CPU second stage and the CUDA finalize).
+PNEKERN_HD constexpr int stats_row_source(int cols, int k) { return cols == kAdamWNewStatsCols && k > 0 ? k + 1 : k; }
 
 inline constexpr bool valid_stats_cols(int cols) {
   return cols == kAdamWStatsCols || cols == kAdamWTraceStatsCols || cols == kAdamWNewStatsCols;
