@@ -4,9 +4,11 @@
 // test_adamw_cpu step|stats|determinism|noise
 #include "cpu/adamw_cpu.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/cpu_kernels.h"
 #include "pnekern/philox.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -298,6 +300,63 @@ void noise_stream() {
   }
 }
 
+// Group indices past 2^32 (elements past 2^34, far more than a test can allocate): one chunk of one ISA level's
+// loop, called directly with its pointers moved back by the chunk's start, so element e = begin + i lives at
+// buffer[i]. The start is unaligned (e0 mod 4 = 1) and the 16-group vectors straddle group 2^32, so the Philox
+// counter's carry into the group's high word and the generator's 32- and 16-group pieces are all checked.
+void noise_stream_far() {
+  const uint64_t seed = 0x0123456789ABCDEFull;
+  const uint32_t counter = 7, tensor_idx = 5;
+  const int64_t begin = (int64_t{1} << 34) - 83, n = 300;
+  AdamWHyper h;
+  h.beta1 = 0.0;
+  AdamWScalars s;
+  s.dtype = DType::kFloat32;
+  s.amsgrad = false;
+  s.unscale = false;
+  s.w1 = 1.0f;
+  s.beta2 = 0.999f;
+  s.one_minus_beta2 = static_cast<float>(1.0 - 0.999);
+  s.eps = 1e-8f;
+  s.sign = 1.0f;
+  s.scale = 1.0f;
+  s.noise_mode = kNoiseOutsideV;
+  s.noise_key0 = static_cast<uint32_t>(seed);
+  s.noise_key1 = static_cast<uint32_t>(seed >> 32);
+  s.noise_counter = counter;
+  s.noise_has_mult = false;
+  s.noise_mult = 1.0f;
+  s.noise_in_v = 0.0f;
+  s.noise_in_m = 1.0f;
+  s.noise_param = 0.0f;
+  const TensorCoeffs c = make_coeffs(h, 1.0);
+  for (int isa = 0; isa < kNumCpuIsa; ++isa) {
+    const CpuIsa level = static_cast<CpuIsa>(isa);
+    if (!cpu_isa_compiled(level) || !cpu_isa_supported(level)) continue;
+    std::vector<float> p(n, 0.0f), g(n, 0.0f), m(n, 0.0f), v(n, 0.0f);
+    auto back = [&](std::vector<float>& b) {  // &b[0] - begin, without forming an out-of-range pointer in C++
+      return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(b.data()) - static_cast<uintptr_t>(begin) * 4u);
+    };
+    AdamWTensor t;
+    t.param = back(p);
+    t.grad = back(g);
+    t.exp_avg = back(m);
+    t.exp_avg_sq = back(v);
+    t.numel = begin + n;
+    t.noise_on = true;
+    t.noise_sd = 1.0f;
+    t.noise_tensor_idx = tensor_idx;
+    cpu_kernels_for(level).adamw_chunk(s, kNoStats, t, c, begin, begin + n, nullptr);
+    int64_t bad = -1;
+    for (int64_t i = 0; i < n && bad < 0; ++i) {
+      const float want = philox::normal_poly(seed, static_cast<uint64_t>(begin + i), tensor_idx, counter);
+      if (std::memcmp(&m[static_cast<size_t>(i)], &want, sizeof(float)) != 0) bad = i;
+    }
+    EXPECT_TRUE(bad < 0, "%s: element 2^34 - 83 + %lld is not normal_poly's bits", cpu_isa_name(level),
+                static_cast<long long>(bad));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -319,6 +378,7 @@ int main(int argc, char** argv) {
     determinism();
   } else if (mode == "noise") {
     noise_stream();
+    noise_stream_far();
   } else {
     std::fprintf(stderr, "unknown mode %s\n", mode.c_str());
     return 2;

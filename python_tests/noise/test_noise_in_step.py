@@ -73,7 +73,10 @@ def test_eps_from_a_zero_gradient_step_matches_sample_noise(backend, mode):
             want = want * scale.sqrt()
         got = ms[i] if mode != 3 else ps[i]
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"tensor {i} (d={d})")
+        # The normals agree to 1e-6 (the stream's contract; torch's log/sin/cos differ by CPU), and ε scales them by
+        # sqrt(δ) ≤ 1 and the multiplier: the bound scales with it (an AMD Zen 5 run saw 1.19e-6 at mult 1.5).
+        mult = float(scale.sqrt()) if mode != 3 else 1.0
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-6 * mult, msg=f"tensor {i} (d={d})")
         if mode == 1:
             torch.testing.assert_close(vs[i], 0.5 * got * got, rtol=1e-6, atol=0)  # ε entered v
         else:
