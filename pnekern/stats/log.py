@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import _LazyRow
+from .engine import PER_PARAM_COLUMNS, _LazyRow, _PerParamMap
 
 __all__ = ["ExposureLog", "SCALAR_FIELDS"]
 
@@ -38,13 +38,17 @@ def _is_tensor(v: Any) -> bool:
 class _Packed:
     """The tensor values of a run of records, copied to the host asynchronously."""
 
-    __slots__ = ("host", "event", "layout")
+    __slots__ = ("host", "event", "layout", "compact")
 
     def __init__(self, tensors: list[Tensor], layout: list[tuple[int, int, str, str | None]],
-                 tables: list[Tensor] = ()) -> None:
+                 tables: list[Tensor] = (), compact: list[tuple[int, int, int, list[str], dict[str, list[Any]]]] = ()
+                 ) -> None:
         # layout: (position in the packed vector, record offset in chunk, key, per-param name or None); positions
         # past len(tensors) index into the flattened per-parameter tables that follow the scalars.
+        # compact: (table position, columns, record offset, names, static values) of each record whose
+        # per-parameter rows are decoded straight from its table (rows the user never touched).
         self.layout = layout
+        self.compact = compact
         f64 = torch.float64
         parts = []
         if tensors:
@@ -113,12 +117,12 @@ class ExposureLog:
             return
         # per device: scalar tensors, their (record, key, name), per-parameter tables, their entries
         by_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, str, str | None]], dict[int, tuple[Tensor, int]],
-                                            list[tuple[int, int, int, str, str]]]] = {}
+                                            list[tuple[int, int, int, str, str]], list[tuple[Any, ...]]]] = {}
 
         def bucket(dev: torch.device) -> tuple[Any, ...]:
             b = by_device.get(dev)
             if b is None:
-                b = by_device[dev] = ([], [], {}, [])
+                b = by_device[dev] = ([], [], {}, [], [])
             return b
 
         skeletons = []
@@ -128,15 +132,26 @@ class ExposureLog:
                 if k == "per_param":
                     continue
                 if _is_tensor(v):
-                    ts, lay, _, _ = bucket(v.device)
+                    ts, lay, _, _, _ = bucket(v.device)
                     ts.append(v)
                     lay.append((i, k, None))
                     skel[k] = None
                 else:
                     skel[k] = v
             pp_out: dict[str, dict[str, Any]] = {}
+            pp = rec.get("per_param") or {}
+            compact = pp.compact() if self.keep_per_param and isinstance(pp, _PerParamMap) else None
+            if compact is not None:
+                # The whole table travels once; only rows the user wrote to go row by row below, and _decode
+                # rebuilds the others from the table.
+                table, names, static, touched = compact
+                m = table.matrix
+                _, _, tabs, _, comp = bucket(m.device)
+                tabs.setdefault(id(table), (m, len(tabs)))
+                comp.append((id(table), m.shape[1], i, names, static))
+                pp = touched
             if self.keep_per_param:
-                for name, d in (rec.get("per_param") or {}).items():
+                for name, d in pp.items():
                     row: dict[str, Any] = {}
                     if isinstance(d, _LazyRow):
                         # Columns still in the step's [P, C] table travel as the whole table: one tensor per record.
@@ -144,7 +159,7 @@ class ExposureLog:
                         items = done
                         if pending:
                             m = table.matrix
-                            _, _, tabs, tlay = bucket(m.device)
+                            _, _, tabs, tlay, _ = bucket(m.device)
                             tabs.setdefault(id(table), (m, len(tabs)))
                             ncol = m.shape[1]
                             for k, c in pending:
@@ -157,7 +172,7 @@ class ExposureLog:
                         order = None
                     for k, v in items:
                         if _is_tensor(v):
-                            ts, lay, _, _ = bucket(v.device)
+                            ts, lay, _, _, _ = bucket(v.device)
                             ts.append(v)
                             lay.append((i, k, name))
                             row[k] = None
@@ -167,7 +182,7 @@ class ExposureLog:
             skel["per_param"] = pp_out
             skeletons.append(skel)
         packs = []
-        for ts, lay, tabs, tlay in by_device.values():
+        for ts, lay, tabs, tlay, comp in by_device.values():
             layout = [(pos, i, k, name) for pos, (i, k, name) in enumerate(lay)]
             offsets, mats, off = {}, [], len(ts)
             for tid, (m, _) in tabs.items():
@@ -175,7 +190,8 @@ class ExposureLog:
                 mats.append(m)
                 off += m.numel()
             layout.extend((offsets[tid] + e, i, k, name) for tid, e, i, k, name in tlay)
-            packs.append(_Packed(ts, layout, mats))
+            compact_layout = [(offsets[tid], ncol, i, names, static) for tid, ncol, i, names, static in comp]
+            packs.append(_Packed(ts, layout, mats, compact_layout))
         self._inflight.append((skeletons, packs))  # type: ignore[arg-type]
         if self.tensorboard is not None and len(self._inflight) > 1:
             # Decode the previous chunk: its copy has had a whole chunk of steps to complete.
@@ -195,6 +211,20 @@ class ExposureLog:
                         skeletons[i][key] = val
                     else:
                         skeletons[i]["per_param"][name][key] = val
+                for off, ncol, i, names, static in pack.compact:
+                    done = skeletons[i]["per_param"]  # the rows that went row by row
+                    nc, lrs = static["num_contributions"], static["lr"]
+                    out: dict[str, dict[str, Any]] = {}
+                    for r, name in enumerate(names):
+                        row = done.get(name)
+                        if row is None:
+                            base = off + r * ncol
+                            row = {"num_contributions": nc[r]}
+                            for c, k in enumerate(PER_PARAM_COLUMNS):
+                                row[k] = vals[base + c]
+                            row["lr"] = lrs[r]
+                        out[name] = row
+                    skeletons[i]["per_param"] = out
             self._host.extend(skeletons)
         self._inflight = self._inflight[n:]
 

@@ -151,6 +151,49 @@ def test_exposure_log_records_match_step_stats_and_chunking():
     assert set(recs[0]["per_param"]) == set(last["per_param"])
 
 
+def test_per_param_rows_in_the_log_whether_or_not_they_were_touched():
+    """Rows nobody wrote to go to the log as the step's table (reading them all below does not change that); rows
+    written to, and a mapping whose keys changed, go row by row. Both must decode to the values StepStats gives,
+    in parameter order, with the user's edits kept."""
+    from pnekern.stats.engine import PER_PARAM_COLUMNS, _PerParamMap
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    opt = pnekern.AdamW(model.parameters(), lr=1e-2, stats="trace")
+    opt.noise_stats.log.chunk = 2
+    want = []
+    for step in range(5):
+        for _ in range(3):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pp = opt.last_stats().per_param
+        assert isinstance(pp, _PerParamMap)
+        names = list(pp)
+        assert len(pp) == len(names) == 4 and names[0] in pp and "nope" not in pp
+        if step == 1:
+            pp[names[2]]["note"] = "seen"  # a touched row with an extra key
+        if step == 3:
+            pp["extra"] = {"tag": 1.0}  # a new key: the mapping becomes a plain dict
+        if step == 4:
+            del pp[names[0]]
+        want.append({n: {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in pp[n].items()} for n in pp})
+        with pytest.raises(KeyError):
+            pp["nope"]
+    recs = opt.exposure.records()
+    for rec, w in zip(recs, want):
+        assert list(rec["per_param"]) == list(w)
+        for n, row in w.items():
+            got = rec["per_param"][n]
+            assert list(got) == list(row), (rec["step"], n)
+            for k, v in row.items():
+                assert got[k] == (pytest.approx(v, rel=1e-12, nan_ok=True) if isinstance(v, float) else v), (n, k)
+    first = recs[0]["per_param"][names[1]]
+    assert list(first) == ["num_contributions", *PER_PARAM_COLUMNS, "lr"]
+    assert first["num_contributions"] == 3 and first["lr"] == 1e-2
+    assert recs[1]["per_param"][names[2]]["note"] == "seen"
+
+
 def test_exposure_log_held_steps_and_update_last():
     opt = _trained_opt(steps=6, stats_every=3)
     recs = opt.exposure.records()
