@@ -639,6 +639,7 @@ class NoiseStats:
         state["slots"] = list(self.slots.values())
         state["_backend_cache"] = {}
         state["_tail_order_cache"] = None
+        state["_slot_cache"] = None  # keyed by this process's parameter ids
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -725,6 +726,9 @@ class NoiseStats:
             x = torch.view_as_real(x)
         pre = slot.precond
         if pre is None or pre[4] is not x.dtype:
+            if pre is None:
+                # reset() clears only the slots that captured something (all per-step slot state is set below).
+                self.__dict__.setdefault("_touched", []).append(slot)
             # First contribution of this step: A_{t−1} and the kernel choice are fixed until the step.
             v, inv_sqrt_bc2, eps = self.precond(slot.param)
             if v is not None and v.is_complex():
@@ -938,13 +942,16 @@ class NoiseStats:
         and the next step's first contribution overwrites them.
         """
         accs: list[Tensor] = []
-        for slot in self.slots.values():
+        touched = self.__dict__.get("_touched")
+        for slot in (touched if touched is not None else self.slots.values()):
             if slot.count:
                 accs.append(slot.acc)
                 slot.count = 0
             slot.tail_x = []
             slot.precond = None
             slot.omega = None
+        if touched is not None:
+            touched.clear()
         if accs:
             torch._foreach_zero_(accs)  # one multi-tensor call instead of one zero_() per parameter
 
@@ -1026,7 +1033,15 @@ class NoiseStats:
             return stats
 
         world, group = self._world()
-        slots = [self.slots[pid] for pid in rows if pid in self.slots]
+        # The same parameters step in the same order every step: keep their slots and names between steps.
+        key = tuple(rows)
+        cached = self.__dict__.get("_slot_cache")
+        if cached is not None and cached[0] == key and cached[1] == len(self.slots):
+            slots, names = cached[2], cached[3]
+        else:
+            slots = [self.slots[pid] for pid in rows if pid in self.slots]
+            names = [s.name for s in slots]
+            self._slot_cache = (key, len(self.slots), slots, names)
         counts = [s.count for s in slots]
         # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q] from 4-column rows; trace-mode rows
         # (2 columns) stop after |A_{t-1} g|² and A_t rows (3 columns) have no |A_{t-1} g|².
@@ -1035,14 +1050,20 @@ class NoiseStats:
             return None
         device = slots[0].acc.device
         row_list = [rows[id(s.param)] for s in slots]
-        if all(s.acc.device == device for s in slots) and all(r.device == device and r.dtype == torch.float64 for r in row_list):
-            # One stack per column block instead of three small ops per parameter (same values).
-            table = torch.cat([
-                torch.stack([s.acc for s in slots]),
-                torch.tensor(counts, dtype=torch.float64, device=device).unsqueeze(1),
-                torch.stack(row_list),
-            ], dim=1)  # [P, 7]
-        else:
+        table = None
+        try:
+            # One stack per column block instead of three small ops per parameter (same values). The count column
+            # is one fill when every parameter saw the same contributions (no host-to-device copy on a GPU).
+            accs, rowt = torch.stack([s.acc for s in slots]), torch.stack(row_list)
+            if accs.device == device and rowt.device == device and accs.dtype == rowt.dtype == torch.float64:
+                if min(counts) == max(counts):
+                    cnt = torch.full((len(slots), 1), float(counts[0]), dtype=torch.float64, device=device)
+                else:
+                    cnt = torch.tensor(counts, dtype=torch.float64, device=device).unsqueeze(1)
+                table = torch.cat([accs, cnt, rowt], dim=1)  # [P, 7]
+        except RuntimeError:  # tensors on several devices (a model split over GPUs)
+            pass
+        if table is None:
             table = torch.stack([
                 torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), r.to(device)])
                 for s, r in zip(slots, row_list)
@@ -1096,14 +1117,17 @@ class NoiseStats:
             )
             self._warned_single = True
 
-        lr_vec = torch.tensor([lrs[id(s.param)] for s in slots], dtype=torch.float64, device=device)
+        lr_list = [lrs[id(s.param)] for s in slots]
+        lr0 = lr_list[0]
         if self.bias_corrected:
-            eff = torch.tensor(
-                [bias_corrected_coefficient(lrs[id(s.param)], self.beta1_of(s.param), self.step_count) for s in slots],
+            eff: Tensor | float = torch.tensor(
+                [bias_corrected_coefficient(lr, self.beta1_of(s.param), self.step_count) for lr, s in zip(lr_list, slots)],
                 dtype=torch.float64, device=device,
             )
+        elif all(lr == lr0 for lr in lr_list):
+            eff = lr0  # one learning rate (one group, or equal ones): a scalar, no [P] tensor to build and copy
         else:
-            eff = lr_vec
+            eff = torch.tensor(lr_list, dtype=torch.float64, device=device)
         temp_p = eff * kappa * tr_a
         diff_p = eff * eff * kappa * tr_a
         trace_noise = tr.sum()
@@ -1136,8 +1160,7 @@ class NoiseStats:
         # Per-parameter breakdown: one [P, 5] table, each row's 0-dim tensors created only when read (building
         # 5P views per step, and packing them into the log, cost more than the rest of finish_step together).
         table_pp = _PerParamTable(torch.stack([tr, tr_a, g2, temp_p, diff_p], dim=1))
-        names = [s.name for s in slots]
-        static = {"num_contributions": [c * world for c in counts], "lr": [lrs[id(s.param)] for s in slots]}
+        static = {"num_contributions": [c * world for c in counts], "lr": lr_list}
         if len(set(names)) == len(names):
             per_param: MutableMapping = _PerParamMap(table_pp, names, static)
         else:  # repeated names: the dict keeps the last row of each, as it always did
@@ -1151,7 +1174,7 @@ class NoiseStats:
             self._observe_calibration(slots, lrs, world, group)
         stats = StepStats(
             step=self.step_count,
-            lr=float(lr_vec[0]) if lr_vec.device.type == "cpu" else next(iter(lrs.values())),
+            lr=float(lr0),
             num_contributions=n_total,
             trace_noise=trace_noise,
             trace_precond_noise=trace_a,

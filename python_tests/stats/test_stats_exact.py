@@ -155,9 +155,15 @@ def test_param_group_added_later_is_tracked():
         x, y = batch_for(m1, k, 0, torch.float64)
         (((m2(m1(x)) - y[:, :2]) ** 2).mean()).backward()
     opt.step()
-    per = opt.last_stats().to_dict()["per_param"]
+    d = opt.last_stats().to_dict()
+    per = d["per_param"]
     assert "group1.param0" in per and per["group1.param0"]["num_contributions"] == 2
     assert per["group1.param0"]["lr"] == 1e-2
+    # Two learning rates: each parameter's temperature uses its own group's (NE_p = η_p κ Tr(A Σ A)_p).
+    for row in per.values():
+        assert row["temperature"] == pytest.approx(row["lr"] * d["kappa"] * row["trace_precond_noise"], rel=1e-12)
+    assert d["temperature"] == pytest.approx(sum(r["temperature"] for r in per.values()), rel=1e-12)
+    assert {r["lr"] for r in per.values()} == {1e-3, 1e-2}
 
 
 def test_named_parameters_and_tied_weights_count_once_per_backward():
