@@ -811,11 +811,14 @@ class NoiseStats:
                     for s, m in zip(group, ms)]
             for s in group:
                 s.tail_x = []
-            var = xs.var(dim=0, unbiased=True)
+            # Two-pass variance on the centered rows, which the deviations need anyway: Tensor.var(dim=0) on this
+            # short, wide [n, Σm] shape took ~240 µs for 2K columns against ~15 µs (same values to ~1e-15).
+            centered = xs - xs.mean(dim=0, keepdim=True)
+            var = centered.square().sum(dim=0) / (n - 1.0)
             if any(pv is not None for pv in prev):
                 # Coordinates without a previous variance get 0 and so drop out with the zero-variance ones.
                 prev_cat = torch.cat([pv if pv is not None else var.new_zeros(m) for pv, m in zip(prev, ms)])
-                dev = ((xs - xs.mean(dim=0, keepdim=True)) / prev_cat.sqrt()) * math.sqrt(n / (n - 1.0))
+                dev = (centered / prev_cat.sqrt()) * math.sqrt(n / (n - 1.0))
                 perm = self._tail_order(n, ms, device)
                 keep = (prev_cat > 0).expand(n, -1).reshape(-1)[perm]
                 self._tail_push(dev.reshape(-1)[perm][keep])
