@@ -122,11 +122,19 @@ class StepStats:
             if isinstance(v, Tensor):
                 tensors.append(v.detach().reshape(()).to(torch.float64))
                 where.append(("top", k, None))
-        for name, d in self.per_param.items():
+        pp = self.per_param
+        compact = pp.compact() if isinstance(pp, _PerParamMap) else None
+        # Rows never written to come from the step's [P, 5] table in the same transfer (no P row objects and 5P
+        # views per call); rows the user wrote to are read one by one as before.
+        rows = compact[3] if compact is not None else pp
+        for name, d in rows.items():
             for k, v in d.items():
                 if isinstance(v, Tensor):
                     tensors.append(v.detach().reshape(()).to(torch.float64))
                     where.append(("pp", name, k))
+        table_at = len(tensors)
+        if compact is not None:
+            tensors.append(compact[0].matrix.detach().to(torch.float64))
         values = _to_host(tensors)
         out: dict[str, Any] = {
             "step": self.step, "lr": self.lr, "num_contributions": self.num_contributions, "kappa": self.kappa,
@@ -135,12 +143,25 @@ class StepStats:
         for k in keys:
             v = getattr(self, k)
             out[k] = v if not isinstance(v, Tensor) else None
-        per_param: dict[str, dict[str, Any]] = {n: {k: (v if not isinstance(v, Tensor) else None) for k, v in d.items()} for n, d in self.per_param.items()}
+        per_param: dict[str, dict[str, Any]] = {n: {k: (v if not isinstance(v, Tensor) else None) for k, v in d.items()} for n, d in rows.items()}
         for (kind, a, b), val in zip(where, values):
             if kind == "top":
                 out[a] = val
             else:
                 per_param[a][b] = val
+        if compact is not None:
+            _, names, static, _ = compact
+            flat, ncol = values[table_at], len(PER_PARAM_COLUMNS)
+            nc, lrs = static["num_contributions"], static["lr"]
+            full: dict[str, dict[str, Any]] = {}
+            for r, name in enumerate(names):
+                row = per_param.get(name)
+                if row is None:
+                    row = {"num_contributions": nc[r]}
+                    row.update(zip(PER_PARAM_COLUMNS, flat[r * ncol:(r + 1) * ncol]))
+                    row["lr"] = lrs[r]
+                full[name] = row
+            per_param = full
         if out["skipped"] is not None:
             out["skipped"] = bool(out["skipped"])
         out["per_param"] = per_param
@@ -303,17 +324,27 @@ class _PerParamMap(MutableMapping):
         return self._table, self._names, self._static, {n: r for n, r in self._rows.items() if r._dirty}
 
 
-def _to_host(tensors: list[Tensor]) -> list[float]:
+def _to_host(tensors: list[Tensor]) -> list[Any]:
+    """Host values of 0-dim tensors (floats) and of larger ones (flat lists), one copy per device."""
     if not tensors:
         return []
     by_dev: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_dev.setdefault(t.device, []).append(i)
-    out = [0.0] * len(tensors)
+    out: list[Any] = [0.0] * len(tensors)
     for dev, idx in by_dev.items():
-        vals = torch.stack([tensors[i] for i in idx]).cpu().tolist()
-        for i, v in zip(idx, vals):
-            out[i] = v
+        if all(tensors[i].dim() == 0 for i in idx):
+            vals = torch.stack([tensors[i] for i in idx]).cpu().tolist()
+            for i, v in zip(idx, vals):
+                out[i] = v
+            continue
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().tolist()
+        pos = 0
+        for i in idx:
+            t = tensors[i]
+            m = t.numel()
+            out[i] = flat[pos] if t.dim() == 0 else flat[pos:pos + m]
+            pos += m
     return out
 
 

@@ -194,6 +194,34 @@ def test_per_param_rows_in_the_log_whether_or_not_they_were_touched():
     assert recs[1]["per_param"][names[2]]["note"] == "seen"
 
 
+def test_step_stats_to_dict_reads_untouched_rows_from_the_table():
+    """to_dict() takes rows nobody wrote to from the step's table in one transfer: the same values, keys and order
+    as reading every row; a row written to keeps the written value."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = pnekern.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 3e-3}],
+                        stats="trace", batch_size=8)
+    for _ in range(2):
+        for _ in range(3):
+            model(torch.randn(5, 3)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    s = opt.last_stats()
+    fast = s.to_dict()["per_param"]
+    want = {n: {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+            for n, row in s.per_param.items()}
+    assert list(fast) == list(want)
+    for n, row in want.items():
+        assert list(fast[n]) == list(row)
+        for k, v in row.items():
+            assert fast[n][k] == pytest.approx(v, rel=0, abs=0, nan_ok=True), (n, k)
+    first = next(iter(s.per_param))
+    s.per_param[first]["temperature"] = torch.tensor(123.0)
+    again = s.to_dict()["per_param"]
+    assert again[first]["temperature"] == 123.0 and list(again) == list(want)
+    assert {r["lr"] for r in again.values()} == {1e-3, 3e-3}
+
+
 def test_exposure_log_held_steps_and_update_last():
     opt = _trained_opt(steps=6, stats_every=3)
     recs = opt.exposure.records()
