@@ -151,17 +151,7 @@ class StepStats:
                 per_param[a][b] = val
         if compact is not None:
             _, names, static, _ = compact
-            flat, ncol = values[table_at], len(PER_PARAM_COLUMNS)
-            nc, lrs = static["num_contributions"], static["lr"]
-            full: dict[str, dict[str, Any]] = {}
-            for r, name in enumerate(names):
-                row = per_param.get(name)
-                if row is None:
-                    row = {"num_contributions": nc[r]}
-                    row.update(zip(PER_PARAM_COLUMNS, flat[r * ncol:(r + 1) * ncol]))
-                    row["lr"] = lrs[r]
-                full[name] = row
-            per_param = full
+            per_param = _rows_from_table(names, static, values[table_at], 0, per_param)
         if out["skipped"] is not None:
             out["skipped"] = bool(out["skipped"])
         out["per_param"] = per_param
@@ -324,6 +314,24 @@ class _PerParamMap(MutableMapping):
         return self._table, self._names, self._static, {n: r for n, r in self._rows.items() if r._dirty}
 
 
+def _rows_from_table(names: list[str], static: dict[str, list[Any]], flat: list[float], offset: int,
+                     done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Host rows of a step's per-parameter table (a flat row-major copy starting at ``offset``), in ``names``
+    order, with the keys of :meth:`_PerParamMap._row`; a name already in ``done`` keeps that row."""
+    ncol = len(PER_PARAM_COLUMNS)
+    nc, lrs = static["num_contributions"], static["lr"]
+    out: dict[str, dict[str, Any]] = {}
+    for r, name in enumerate(names):
+        row = done.get(name)
+        if row is None:
+            base = offset + r * ncol
+            row = {"num_contributions": nc[r]}
+            row.update(zip(PER_PARAM_COLUMNS, flat[base:base + ncol]))
+            row["lr"] = lrs[r]
+        out[name] = row
+    return out
+
+
 def _to_host(tensors: list[Tensor]) -> list[Any]:
     """Host values of 0-dim tensors (floats) and of larger ones (flat lists), one copy per device."""
     if not tensors:
@@ -332,12 +340,7 @@ def _to_host(tensors: list[Tensor]) -> list[Any]:
     for i, t in enumerate(tensors):
         by_dev.setdefault(t.device, []).append(i)
     out: list[Any] = [0.0] * len(tensors)
-    for dev, idx in by_dev.items():
-        if all(tensors[i].dim() == 0 for i in idx):
-            vals = torch.stack([tensors[i] for i in idx]).cpu().tolist()
-            for i, v in zip(idx, vals):
-                out[i] = v
-            continue
+    for idx in by_dev.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().tolist()
         pos = 0
         for i in idx:

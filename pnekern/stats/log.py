@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .engine import PER_PARAM_COLUMNS, _LazyRow, _PerParamMap
+from .engine import _LazyRow, _PerParamMap, _rows_from_table
 
 __all__ = ["ExposureLog", "SCALAR_FIELDS"]
 
@@ -41,11 +41,11 @@ class _Packed:
     __slots__ = ("host", "event", "layout", "compact")
 
     def __init__(self, tensors: list[Tensor], layout: list[tuple[int, int, str, str | None]],
-                 tables: list[Tensor] = (), compact: list[tuple[int, int, int, list[str], dict[str, list[Any]]]] = ()
+                 tables: list[Tensor] = (), compact: list[tuple[int, int, list[str], dict[str, list[Any]]]] = ()
                  ) -> None:
         # layout: (position in the packed vector, record offset in chunk, key, per-param name or None); positions
         # past len(tensors) index into the flattened per-parameter tables that follow the scalars.
-        # compact: (table position, columns, record offset, names, static values) of each record whose
+        # compact: (table position, record offset, names, static values) of each record whose
         # per-parameter rows are decoded straight from its table (rows the user never touched).
         self.layout = layout
         self.compact = compact
@@ -148,7 +148,7 @@ class ExposureLog:
                 m = table.matrix
                 _, _, tabs, _, comp = bucket(m.device)
                 tabs.setdefault(id(table), (m, len(tabs)))
-                comp.append((id(table), m.shape[1], i, names, static))
+                comp.append((id(table), i, names, static))
                 pp = touched
             if self.keep_per_param:
                 for name, d in pp.items():
@@ -190,7 +190,7 @@ class ExposureLog:
                 mats.append(m)
                 off += m.numel()
             layout.extend((offsets[tid] + e, i, k, name) for tid, e, i, k, name in tlay)
-            compact_layout = [(offsets[tid], ncol, i, names, static) for tid, ncol, i, names, static in comp]
+            compact_layout = [(offsets[tid], i, names, static) for tid, i, names, static in comp]
             packs.append(_Packed(ts, layout, mats, compact_layout))
         self._inflight.append((skeletons, packs))  # type: ignore[arg-type]
         if self.tensorboard is not None and len(self._inflight) > 1:
@@ -211,20 +211,9 @@ class ExposureLog:
                         skeletons[i][key] = val
                     else:
                         skeletons[i]["per_param"][name][key] = val
-                for off, ncol, i, names, static in pack.compact:
-                    done = skeletons[i]["per_param"]  # the rows that went row by row
-                    nc, lrs = static["num_contributions"], static["lr"]
-                    out: dict[str, dict[str, Any]] = {}
-                    for r, name in enumerate(names):
-                        row = done.get(name)
-                        if row is None:
-                            base = off + r * ncol
-                            row = {"num_contributions": nc[r]}
-                            for c, k in enumerate(PER_PARAM_COLUMNS):
-                                row[k] = vals[base + c]
-                            row["lr"] = lrs[r]
-                        out[name] = row
-                    skeletons[i]["per_param"] = out
+                for off, i, names, static in pack.compact:
+                    # rows written to went row by row above and are kept; the rest come from the table
+                    skeletons[i]["per_param"] = _rows_from_table(names, static, vals, off, skeletons[i]["per_param"])
             self._host.extend(skeletons)
         self._inflight = self._inflight[n:]
 
