@@ -10,6 +10,31 @@
 #include "pnekern/macros.h"
 
 namespace pnekern {
+
+AdamWScalars make_scalars(DType dtype, const AdamWHyper& h, const float* grad_scale) {
+  // Rounded to fp32 once, as torch does when a Python float multiplies an fp32 tensor.
+  AdamWScalars s;
+  s.dtype = dtype;
+  s.amsgrad = h.amsgrad;
+  s.unscale = grad_scale != nullptr;
+  s.w1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  s.eps = static_cast<float>(h.eps);
+  s.sign = h.maximize ? -1.0f : 1.0f;
+  s.scale = s.unscale ? *grad_scale : 1.0f;
+  s.noise_mode = h.noise_mode;
+  s.noise_key0 = static_cast<uint32_t>(h.noise_seed);
+  s.noise_key1 = static_cast<uint32_t>(h.noise_seed >> 32);
+  s.noise_counter = h.noise_counter;
+  s.noise_has_mult = h.noise_has_mult;
+  s.noise_mult = h.noise_mult;
+  s.noise_in_v = h.noise_mode == kNoiseIntoV ? 1.0f : 0.0f;
+  s.noise_in_m = (h.noise_mode == kNoiseIntoV || h.noise_mode == kNoiseOutsideV) ? 1.0f : 0.0f;
+  s.noise_param = h.noise_mode == kNoiseParam ? static_cast<float>(h.noise_param_coef) : 0.0f;
+  return s;
+}
+
 namespace {
 
 struct Chunk {
@@ -34,26 +59,7 @@ void adamw_step_chunks(DType dtype, const AdamWTensor* tensors, int64_t ntensors
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   std::vector<double> partials(stats ? static_cast<size_t>(nchunks) * kAdamWStatsCols : 0, 0.0);
 
-  // Scalars rounded to fp32 once, as torch does when a Python float multiplies an fp32 tensor.
-  AdamWScalars s;
-  s.dtype = dtype;
-  s.amsgrad = h.amsgrad;
-  s.unscale = grad_scale != nullptr;
-  s.w1 = static_cast<float>(1.0 - h.beta1);
-  s.beta2 = static_cast<float>(h.beta2);
-  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  s.eps = static_cast<float>(h.eps);
-  s.sign = h.maximize ? -1.0f : 1.0f;
-  s.scale = s.unscale ? *grad_scale : 1.0f;
-  s.noise_mode = h.noise_mode;
-  s.noise_key0 = static_cast<uint32_t>(h.noise_seed);
-  s.noise_key1 = static_cast<uint32_t>(h.noise_seed >> 32);
-  s.noise_counter = h.noise_counter;
-  s.noise_has_mult = h.noise_has_mult;
-  s.noise_mult = h.noise_mult;
-  s.noise_in_v = h.noise_mode == kNoiseIntoV ? 1.0f : 0.0f;
-  s.noise_in_m = (h.noise_mode == kNoiseIntoV || h.noise_mode == kNoiseOutsideV) ? 1.0f : 0.0f;
-  s.noise_param = h.noise_mode == kNoiseParam ? static_cast<float>(h.noise_param_coef) : 0.0f;
+  const AdamWScalars s = make_scalars(dtype, h, grad_scale);
   const Chunk* chunk_list = chunks.data();
   double* partial_base = partials.data();
   const TensorCoeffs* coeff_list = coeffs.data();

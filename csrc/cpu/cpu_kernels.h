@@ -43,6 +43,10 @@ struct AdamWScalars {
   float noise_param;    // fp32(η·sqrt(κ)) in param mode, else 0
 };
 
+// The call's scalars from its hyperparameters (grad_scale: null, or the loss scale to divide by). adamw_step_cpu
+// uses it; tests that call one ISA level's chunk directly use it too, so both see the same rounding.
+AdamWScalars make_scalars(DType dtype, const AdamWHyper& h, const float* grad_scale);
+
 // One chunk [begin, end) of one tensor (see adamw_step_cpu for the stats contract). partial: double[4], written
 // when stats_mode != kNoStats.
 using AdamWChunkFn = void (*)(const AdamWScalars& s, int stats_mode, const AdamWTensor& t, const TensorCoeffs& c,

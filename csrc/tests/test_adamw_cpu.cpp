@@ -309,26 +309,11 @@ void noise_stream_far() {
   const uint32_t counter = 7, tensor_idx = 5;
   const int64_t begin = (int64_t{1} << 34) - 83, n = 300;
   AdamWHyper h;
-  h.beta1 = 0.0;
-  AdamWScalars s;
-  s.dtype = DType::kFloat32;
-  s.amsgrad = false;
-  s.unscale = false;
-  s.w1 = 1.0f;
-  s.beta2 = 0.999f;
-  s.one_minus_beta2 = static_cast<float>(1.0 - 0.999);
-  s.eps = 1e-8f;
-  s.sign = 1.0f;
-  s.scale = 1.0f;
-  s.noise_mode = kNoiseOutsideV;
-  s.noise_key0 = static_cast<uint32_t>(seed);
-  s.noise_key1 = static_cast<uint32_t>(seed >> 32);
-  s.noise_counter = counter;
-  s.noise_has_mult = false;
-  s.noise_mult = 1.0f;
-  s.noise_in_v = 0.0f;
-  s.noise_in_m = 1.0f;
-  s.noise_param = 0.0f;
+  h.beta1 = 0.0;  // m = g + ε = z exactly (zero gradient, δ = 1)
+  h.noise_mode = kNoiseOutsideV;
+  h.noise_seed = seed;
+  h.noise_counter = counter;
+  const AdamWScalars s = make_scalars(DType::kFloat32, h, nullptr);
   const TensorCoeffs c = make_coeffs(h, 1.0);
   for (int isa = 0; isa < kNumCpuIsa; ++isa) {
     const CpuIsa level = static_cast<CpuIsa>(isa);
