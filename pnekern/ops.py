@@ -43,13 +43,22 @@ def validate_backend(backend: str) -> str:
     return backend.lower()
 
 
+# complex -> the real dtype of torch.view_as_real (a dict lookup: torch.compile cannot trace dtype.to_real()).
+_REAL_OF_COMPLEX = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels see for tensors of ``dtype``: complex tensors step as ``view_as_real``."""
+    return _REAL_OF_COMPLEX.get(dtype, dtype)
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Pick the implementation for tensors on ``device`` with storage ``dtype``.
 
     ``auto`` gives ``cpp`` on CPU for fp32/bf16/fp16 when the extension is built, ``triton`` on CUDA for those dtypes
     when Triton is importable, ``reference`` otherwise. Explicit ``triton`` runs on CUDA tensors, and on CPU tensors
     only under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests the kernels). Explicit requests that cannot
-    run on the device raise RuntimeError with the reason.
+    run on the device or dtype raise RuntimeError with the reason (``dtype``: the storage dtype, real for complex).
     """
     if requested == "auto":
         if device.type == "cpu" and dtype in KERNEL_DTYPES and _native.available():
@@ -63,6 +72,13 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
                 f"backend='cpp' runs on CPU tensors but got tensors on {device}; use backend='auto' or 'reference'"
             )
         _native.require("backend='cpp'")
+        if dtype not in KERNEL_DTYPES:
+            # Checked here, before any tensor is touched: the kernel would reject the dtype mid-step, after the
+            # tensors ahead of it in the call were already updated.
+            raise RuntimeError(
+                f"backend='cpp' supports float32, bfloat16 and float16 storage, got {dtype}; "
+                "use backend='auto' (the reference path for other dtypes) or 'reference'"
+            )
         return "cpp"
     if requested == "triton":
         reason = _triton_usable(device)

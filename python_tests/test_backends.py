@@ -18,6 +18,27 @@ def test_cuda_backend_on_cpu_tensors_raises_before_the_step_changes_anything():
     assert torch.equal(p.detach(), before) and len(opt.state) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("stats", [None, "trace"])
+def test_cpp_backend_rejects_float64_before_any_parameter_moves(dtype, stats):
+    # The fp32 parameter ahead of it used to be updated before the kernel rejected the float64 one.
+    if not ops.native_available():
+        pytest.fail("the compiled extension is required for this test")
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(3, dtype=dtype))
+    opt = pnekern.AdamW([a, b], lr=0.1, backend="cpp", stats=stats)
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(RuntimeError, match=r"backend='cpp' supports float32.*float64.*backend='auto'"):
+        for _ in range(2):  # with stats, the capture hook names the problem already in backward()
+            (a.sum() + b.abs().sum()).backward()
+        opt.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1]) and len(opt.state) == 0
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    auto = pnekern.AdamW([a, b], lr=0.1, backend="auto")  # the documented way: cpp for fp32, reference for float64
+    auto.step()
+    assert not torch.equal(a.detach(), before[0]) and not torch.equal(b.detach(), before[1])
+
+
 def test_cuda_backend_reason_names_the_missing_build():
     if not ops.native_available():
         pytest.fail("the compiled extension is required for this test")

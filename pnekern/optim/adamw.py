@@ -341,7 +341,7 @@ class AdamW(torch.optim.AdamW):
                                        "match the parameter")
                 if check_backend:
                     # Resolving early turns e.g. "cpp on a CUDA tensor" into an error before any state changes.
-                    key = (p.device, torch.float32 if p.is_complex() else p.dtype)
+                    key = (p.device, ops.storage_dtype(p.dtype))
                     if key not in resolved:
                         ops.resolve_backend(self.backend, *key)
                         resolved.add(key)
@@ -389,7 +389,7 @@ class AdamW(torch.optim.AdamW):
         if self._noise is not None:
             # Every fused backend (reference, cpp, triton) draws the noise in-step where the injector allows it.
             backends = {
-                id(p): ops.resolve_backend(self.backend, p.device, torch.float32 if p.is_complex() else p.dtype)
+                id(p): ops.resolve_backend(self.backend, p.device, ops.storage_dtype(p.dtype))
                 for _, _, p in todo
             }
             noise = self._noise.prepare(todo, grad_scale, backends)
