@@ -12,6 +12,7 @@ from pnekern.stats import (
     DebiasedEMA, ExposureLog, KappaCalibrator, NoiseScaleEMA, mohammadi_alpha, sample_symmetric_stable,
     standardized_deviations, tail_index,
 )
+from pnekern.stats.engine import STATE_KEY
 
 
 # ---------------------------------------------------------------- EMA
@@ -314,7 +315,7 @@ def _per_slot_tail_oracle(steps, pool_size):
                     pos = (pos + 1) % pool_size
                     filled = min(pool_size, filled + 1)
             prev[i] = var
-    return torch.tensor(ring, dtype=torch.float64), pos, filled
+    return torch.tensor(ring, dtype=torch.float64), pos, filled, prev
 
 
 @pytest.mark.parametrize("pool", [1 << 16, 500])
@@ -328,13 +329,13 @@ def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
     eng = opt.noise_stats
     eng._tail_pool_size = pool  # the engine's tail_pool argument (AdamW keeps the default); nothing pushed yet
     steps = []
-    for step in range(4):
+    for step in range(5):
         K = 3 if step != 2 else 4
         recorded = {}
         for k in range(K):
             for i, p in enumerate(params):
-                if i == 3 and step == 1:
-                    continue  # no contribution to this one this step
+                if i == 3 and step in (1, 4):
+                    continue  # no contribution to this one this step (and in the last: it keeps step 3's variance)
                 x = torch.randn(p.numel(), generator=g) * (i + 1)
                 if i == 0:
                     x[:50] = 0.0  # zero variance: dropped by the standardization
@@ -342,10 +343,16 @@ def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
         for i, p in enumerate(params):
             slot = eng.slots[id(p)]
             if len(slot.tail_x) >= 2:
-                recorded[i] = torch.stack(slot.tail_x)
+                recorded[i] = torch.stack(slot.tail_x).to(torch.float64)  # captured in the grad's dtype
         steps.append(recorded)
         opt.step()
         opt.zero_grad()
-    ring, pos, filled = _per_slot_tail_oracle(steps, pool)
+    ring, pos, filled, prev = _per_slot_tail_oracle(steps, pool)
     assert eng._tail_filled == filled and eng._tail_pos == pos
     torch.testing.assert_close(eng._tail_pool, ring, rtol=1e-12, atol=0.0)
+    # The engine holds the last variances as one tensor; the state_dict must see every parameter's own, including
+    # the one that missed a step and so kept an older variance.
+    saved = opt.state_dict()[STATE_KEY]["per_param"]
+    assert sorted(saved) == sorted(prev)
+    for i, pv in prev.items():
+        torch.testing.assert_close(saved[i]["tail_prev_var"], pv, rtol=1e-12, atol=0.0)
