@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import ops
 
-__all__ = ["NoiseStats", "StepStats", "STATS_MODES", "KAPPA_MODES", "STATE_KEY", "kappa_value", "engines_for"]
+__all__ = ["NoiseStats", "StepStats", "StepRows", "STATS_MODES", "KAPPA_MODES", "STATE_KEY", "kappa_value", "engines_for"]
 
 import weakref
 
@@ -330,6 +330,64 @@ def _rows_from_table(names: list[str], static: dict[str, list[Any]], flat: list[
             row["lr"] = lrs[r]
         out[name] = row
     return out
+
+
+class StepRows(MutableMapping):
+    """The fused step's per-tensor statistics rows, as the kernel wrote them: blocks of (params, float64 [P_b, w]
+    table), one per kernel call, read as a mapping id(param) -> row [w] (``finish_step``'s ``rows``).
+
+    :meth:`NoiseStats.finish_step` takes the tables as they are; row views are made only for a caller that reads
+    or replaces single rows (e.g. the noise injector correcting rows after a step). At 100 tensors the views and
+    re-stacking them cost ~0.1 ms per step.
+    """
+
+    __slots__ = ("blocks", "_map", "_edited")
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[list[Tensor], Tensor]] = []
+        self._map: dict[int, Tensor] | None = None
+        self._edited = False
+
+    def add(self, params: list[Tensor], table: Tensor) -> None:
+        """Append one kernel call's rows: ``table[i]`` belongs to ``params[i]``."""
+        self.blocks.append((params, table))
+        self._map = None
+
+    def _rows(self) -> dict[int, Tensor]:
+        if self._map is None:
+            self._map = {id(p): r for params, t in self.blocks for p, r in zip(params, t.unbind(0))}
+        return self._map
+
+    def ids(self) -> tuple[int, ...]:
+        """id(param) of every row, in iteration order."""
+        if self._edited:
+            return tuple(self._rows())
+        return tuple(id(p) for params, _ in self.blocks for p in params)
+
+    def table(self) -> Tensor | None:
+        """All rows stacked in :meth:`ids` order, or None once a row was replaced or added (then read the rows)."""
+        if self._edited or not self.blocks:
+            return None
+        if len(self.blocks) == 1:
+            return self.blocks[0][1]
+        return torch.cat([t for _, t in self.blocks])
+
+    def __getitem__(self, pid: int) -> Tensor:
+        return self._rows()[pid]
+
+    def __setitem__(self, pid: int, row: Tensor) -> None:
+        self._rows()[pid] = row
+        self._edited = True
+
+    def __delitem__(self, pid: int) -> None:
+        del self._rows()[pid]
+        self._edited = True
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._rows())
+
+    def __len__(self) -> int:
+        return len(self._rows()) if self._edited else sum(len(params) for params, _ in self.blocks)
 
 
 def _to_host(tensors: list[Tensor]) -> list[Any]:
@@ -1109,14 +1167,15 @@ class NoiseStats:
 
         world, group = self._world()
         # The same parameters step in the same order every step: keep their slots and names between steps.
-        key = tuple(rows)
+        key = rows.ids() if isinstance(rows, StepRows) else tuple(rows)
         cached = self.__dict__.get("_slot_cache")
         if cached is not None and cached[0] == key and cached[1] == len(self.slots):
-            slots, names = cached[2], cached[3]
+            slots, names, every_row = cached[2], cached[3], cached[4]
         else:
-            slots = [self.slots[pid] for pid in rows if pid in self.slots]
+            slots = [self.slots[pid] for pid in key if pid in self.slots]
             names = [s.name for s in slots]
-            self._slot_cache = (key, len(self.slots), slots, names)
+            every_row = len(slots) == len(key)  # each row has a slot: the kernel's tables are the rows in order
+            self._slot_cache = (key, len(self.slots), slots, names, every_row)
         counts = [s.count for s in slots]
         # Per tensor: [S1, S1A, n, |g|², |A_{t-1} g|², |A_t g|², Σ a_t² q] from 4-column rows; trace-mode rows
         # (2 columns) stop after |A_{t-1} g|² and A_t rows (3 columns) have no |A_{t-1} g|².
@@ -1124,12 +1183,14 @@ class NoiseStats:
             self.reset()
             return None
         device = slots[0].acc.device
-        row_list = [rows[id(s.param)] for s in slots]
         table = None
         try:
             # One stack per column block instead of three small ops per parameter (same values). The count column
             # is one fill when every parameter saw the same contributions (no host-to-device copy on a GPU).
-            accs, rowt = torch.stack([s.acc for s in slots]), torch.stack(row_list)
+            rowt = rows.table() if every_row and isinstance(rows, StepRows) else None
+            if rowt is None:
+                rowt = torch.stack([rows[id(s.param)] for s in slots])
+            accs = torch.stack([s.acc for s in slots])
             if accs.device == device and rowt.device == device and accs.dtype == rowt.dtype == torch.float64:
                 if min(counts) == max(counts):
                     cnt = torch.full((len(slots), 1), float(counts[0]), dtype=torch.float64, device=device)
@@ -1141,7 +1202,7 @@ class NoiseStats:
         if table is None:
             table = torch.stack([
                 torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), r.to(device)])
-                for s, r in zip(slots, row_list)
+                for s, r in zip(slots, [rows[id(s.param)] for s in slots])
             ])  # [P, 7]
         if world > 1:
             import torch.distributed as dist

@@ -107,6 +107,16 @@ def test_statistics_match_brute_force(make_model, backend, dtype, rtol, K, mode)
         per = s["per_param"]
         assert len(per) == len(params)
         assert sum(v["trace_noise"] for v in per.values()) == pytest.approx(tr, rel=rtol)
+        # ... and each parameter's row is its own (a permutation of rows keeps every sum above).
+        for i, (ai, d, g) in enumerate(zip(a, diag, G)):
+            row = per[f"group0.param{i}"]
+            tr_ai = (ai**2 * d).sum().item()
+            assert row["trace_noise"] == pytest.approx(d.sum().item(), rel=rtol, abs=rtol * tr)
+            assert row["trace_precond_noise"] == pytest.approx(tr_ai, rel=rtol, abs=rtol * tr_a)
+            assert row["grad_norm_sq"] == pytest.approx((g**2).sum().item(), rel=rtol, abs=rtol * g2)
+            assert row["temperature"] == pytest.approx(lr * tr_ai, rel=rtol, abs=rtol * lr * tr_a)
+            assert row["diffusion"] == pytest.approx(lr * lr * tr_ai, rel=rtol, abs=rtol * lr * lr * tr_a)
+            assert row["num_contributions"] == K and row["lr"] == lr
         if mode == "lowrank":
             # With rank >= n-1 the Nyström factors reproduce Σ_step exactly.
             for i, (name, (u, lam, resid)) in enumerate(opt.noise_stats.covariances.items()):
@@ -225,3 +235,33 @@ def test_kappa_heavy_ball_and_float_and_bias_corrected():
 
     assert bias_corrected_coefficient(1.0, 0.9, 1) == pytest.approx(3.0, rel=0.05)
     assert bias_corrected_coefficient(1.0, 0.9, 10_000) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["trace", "diag"])
+def test_rows_of_several_kernel_calls_reach_their_parameters(mode):
+    # backend="auto": fp32 params take the C++ kernel, the float64 one the reference, two kernel calls whose row
+    # tables come back in bucket order (p0, p2, p1), not parameter order; each parameter must get its own statistics.
+    g = torch.Generator().manual_seed(3)
+    params = [torch.zeros(6, requires_grad=True), torch.zeros(5, dtype=torch.float64, requires_grad=True),
+              torch.zeros(4, requires_grad=True)]
+    lr, K = 1e-2, 3
+    opt = pnekern.AdamW(params, lr=lr, backend="auto", stats=mode)
+    for step in range(2):
+        contribs = [[torch.randn(p.shape, generator=g, dtype=torch.float64) * (i + 1) for i, p in enumerate(params)]
+                    for _ in range(K)]
+        a_prev = [precond(opt, p, "prev") for p in params]
+        for c in contribs:
+            for p, x in zip(params, c):
+                p.backward(x.to(p.dtype))
+        opt.step()
+        a = a_prev if mode == "trace" else [precond(opt, p, "new") for p in params]
+        opt.zero_grad()
+        per = opt.last_stats().to_dict()["per_param"]
+        for i in range(len(params)):
+            xs = [c[i].to(params[i].dtype).to(torch.float64) for c in contribs]
+            G = sum(xs)
+            d = K * (sum(x**2 for x in xs) - G**2 / K) / (K - 1)
+            row = per[f"group0.param{i}"]
+            assert row["trace_noise"] == pytest.approx(d.sum().item(), rel=1e-5)
+            assert row["trace_precond_noise"] == pytest.approx((a[i] ** 2 * d).sum().item(), rel=1e-5)
+            assert row["grad_norm_sq"] == pytest.approx((G**2).sum().item(), rel=1e-5)
