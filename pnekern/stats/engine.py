@@ -444,7 +444,7 @@ class _ParamSlot:
     """Per-parameter accumulators for the current step."""
 
     __slots__ = ("__weakref__", "param", "name", "index", "acc", "count", "sumsq", "sketch", "omega_seed", "handle", "acc_node", "device_key",
-                 "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_x", "tail_prev_var", "precond", "omega")
+                 "cal_idx", "cal_sq", "cal_a", "tail_idx", "tail_buf", "tail_n", "tail_prev_var", "precond", "omega")
 
     def __init__(self, param: Tensor, name: str, index: int) -> None:
         self.param = param
@@ -461,7 +461,10 @@ class _ParamSlot:
         self.cal_sq: Tensor | None = None  # Σ_k x_k² on the subset (float64)
         self.cal_a: Tensor | None = None  # A_{t-1} on the subset, taken at the step's first contribution
         self.tail_idx: Tensor | None = None  # tail index: fixed coordinate subset (diag/lowrank modes)
-        self.tail_x: list[Tensor] = []  # this step's contributions on the subset (the gradient's dtype)
+        # This step's contributions on the subset: rows [0, tail_n), in the gradient's dtype. The buffer is kept
+        # between steps, so no tensor is allocated or freed per contribution.
+        self.tail_buf: Tensor | None = None
+        self.tail_n = 0
         self.tail_prev_var: Tensor | None = None  # per-contribution variance on the subset from the previous step
         # Per-step caches, dropped by NoiseStats.reset(): A_{t−1} does not change between the micro-batches of a
         # step, so (v, 1/sqrt(bc2), eps, backend, dtype) is looked up once per step instead of once per backward.
@@ -479,8 +482,8 @@ class _ParamSlot:
         for k in self.__slots__:
             if k != "__weakref__":
                 setattr(self, k, state.get(k))
-        self.tail_x = list(self.tail_x or [])
         self.count = int(self.count or 0)
+        self.tail_n = int(self.tail_n or 0)
 
 
 class NoiseStats:
@@ -721,6 +724,7 @@ class NoiseStats:
             slot.cal_idx = own(entry.get("cal_idx"), p.device) if self.calibrator is not None else slot.cal_idx
             if self.tail_coords:
                 slot.tail_idx = own(entry.get("tail_idx"), p.device)
+                slot.tail_buf, slot.tail_n = None, 0  # rows of this step on the old subset: dropped
                 slot.tail_prev_var = own(entry.get("tail_prev_var"), p.device)
             slot.precond = None  # torch's load replaced the optimizer's state tensors
             slot.omega = None
@@ -861,8 +865,29 @@ class NoiseStats:
             flat_x = x.reshape(-1)
             if slot.tail_idx is None:
                 slot.tail_idx = self._subset(slot, flat_x.numel(), flat_x.device, self.tail_coords, salt=11)
-            slot.tail_x.append(flat_x.index_select(0, slot.tail_idx))  # float64 at the step, in one conversion
+            self._tail_capture(slot, flat_x)
         slot.count += 1
+
+    @staticmethod
+    def _tail_capture(slot: _ParamSlot, flat_x: Tensor) -> None:
+        """Row ``slot.tail_n`` of the slot's tail buffer := this contribution on the subset (float64 at the step)."""
+        k, buf, idx = slot.tail_n, slot.tail_buf, slot.tail_idx
+        if buf is not None and k < buf.shape[0] and buf.dtype == flat_x.dtype:
+            try:
+                torch.index_select(flat_x, 0, idx, out=buf[k])
+                slot.tail_n = k + 1
+                return
+            except RuntimeError:  # another device (the model moved): reallocate below
+                pass
+        # Grow by one row (a step's count is the same from the second step on), keeping this step's earlier rows;
+        # a dtype change mid-step promotes, as concatenating them would.
+        dtype = flat_x.dtype if buf is None or not k else torch.promote_types(buf.dtype, flat_x.dtype)
+        new = torch.empty(k + 1, idx.numel(), dtype=dtype, device=flat_x.device)
+        if k:
+            new[:k] = buf[:k]
+        new[k] = flat_x.index_select(0, idx)
+        slot.tail_buf = new
+        slot.tail_n = k + 1
 
     def _backend_for(self, device: torch.device, dtype: torch.dtype) -> str:
         """ops.resolve_backend, memoized per (device, dtype) (it only depends on them and the build)."""
@@ -898,20 +923,19 @@ class NoiseStats:
         (:meth:`_flush_tail_prev`); the next step with the same group takes it as its previous variance directly.
         Splitting it into 100 per-slot views and concatenating them back each step cost ~0.2 ms.
         """
-        groups: dict[tuple[int, torch.device], tuple[list[_ParamSlot], list[list[Tensor]]]] = {}
+        groups: dict[tuple[int, torch.device], tuple[list[_ParamSlot], list[Tensor]]] = {}
         for s in slots:
-            xl = s.tail_x
-            if not xl:
+            buf, n = s.tail_buf, s.tail_n
+            if not n:
                 continue
-            s.tail_x = []
-            n = len(xl)
+            s.tail_n = 0
             if n < 2:
                 continue
-            entry = groups.get((n, xl[0].device))
+            entry = groups.get((n, buf.device))
             if entry is None:
-                entry = groups[(n, xl[0].device)] = ([], [])
+                entry = groups[(n, buf.device)] = ([], [])
             entry[0].append(s)
-            entry[1].append(xl)
+            entry[1].append(buf if buf.shape[0] == n else buf[:n])
         lazy = self._tail_lazy
         keys = {gk: tuple(map(id, group)) for gk, (group, _) in groups.items()}
         # Each lazy entry must be some group's exact previous variance, else everything goes through the slots.
@@ -920,13 +944,13 @@ class NoiseStats:
         if not fast:
             self._flush_tail_prev()
         new_lazy: dict[tuple[int, ...], tuple[list[_ParamSlot], list[int], Tensor]] = {}
-        for gk, (group, xls) in groups.items():
+        for gk, (group, bufs) in groups.items():
             n, device = gk
             key = keys[gk]
-            ms = lazy[key][1] if fast else [xl[0].numel() for xl in xls]
-            # Row k: the k-th contribution's samples of every slot side by side (one cat, not a stack per slot).
+            ms = lazy[key][1] if fast else [b.shape[1] for b in bufs]
+            # Row k: the k-th contribution's samples of every slot side by side (one cat along the columns).
             # Captured in the parameter's dtype; cat promotes, and every float dtype converts to float64 exactly.
-            xs = torch.cat([xl[k] for k in range(n) for xl in xls]).view(n, -1).to(torch.float64)
+            xs = torch.cat(bufs, dim=1).to(torch.float64)
             # Two-pass variance on the centered rows, which the deviations need anyway: Tensor.var(dim=0) on this
             # short, wide [n, Σm] shape took ~240 µs for 2K columns against ~15 µs (same values to ~1e-15).
             centered = xs - xs.mean(dim=0, keepdim=True)
@@ -1080,7 +1104,7 @@ class NoiseStats:
             if slot.count:
                 accs.append(slot.acc)
                 slot.count = 0
-            slot.tail_x = []
+            slot.tail_n = 0
             slot.precond = None
             slot.omega = None
         if touched is not None:

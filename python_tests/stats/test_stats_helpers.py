@@ -331,7 +331,7 @@ def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
     steps = []
     for step in range(5):
         K = 3 if step != 2 else 4
-        recorded = {}
+        contribs = {}
         for k in range(K):
             for i, p in enumerate(params):
                 if i == 3 and step in (1, 4):
@@ -340,11 +340,11 @@ def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
                 if i == 0:
                     x[:50] = 0.0  # zero variance: dropped by the standardization
                 p.backward(x)
-        for i, p in enumerate(params):
-            slot = eng.slots[id(p)]
-            if len(slot.tail_x) >= 2:
-                recorded[i] = torch.stack(slot.tail_x).to(torch.float64)  # captured in the grad's dtype
-        steps.append(recorded)
+                contribs.setdefault(i, []).append(x)
+        # The oracle's samples come from the contributions themselves on each parameter's fixed subset, not from
+        # the engine's capture buffers (a capture that wrote the wrong rows must fail here).
+        steps.append({i: torch.stack([x[eng.slots[id(params[i])].tail_idx] for x in xs]).to(torch.float64)
+                      for i, xs in contribs.items() if len(xs) >= 2})
         opt.step()
         opt.zero_grad()
     ring, pos, filled, prev = _per_slot_tail_oracle(steps, pool)
