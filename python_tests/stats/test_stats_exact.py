@@ -265,3 +265,31 @@ def test_rows_of_several_kernel_calls_reach_their_parameters(mode):
             assert row["trace_noise"] == pytest.approx(d.sum().item(), rel=1e-5)
             assert row["trace_precond_noise"] == pytest.approx((a[i] ** 2 * d).sum().item(), rel=1e-5)
             assert row["grad_norm_sq"] == pytest.approx((G**2).sum().item(), rel=1e-5)
+
+
+def test_accumulators_survive_a_group_added_and_a_copy_mid_step():
+    # The per-parameter [S1, S1A] accumulators are rows of one matrix, re-made when a group is added and when the
+    # optimizer is copied: contributions captured before either must still count.
+    import copy
+
+    def run(regroup):
+        model = make_mlp(torch.float64)
+        opt = pnekern.AdamW(model.parameters(), stats="trace", lr=1e-2)
+        for step in range(2):
+            for k in range(3):
+                x, y = batch_for(model, k, step, torch.float64)
+                (((model(x) - y) ** 2).mean() / 3).backward()
+                if regroup and step == 1 and k == 1:
+                    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+                    copied, opt = copy.deepcopy((model, opt))
+                    for a, b in zip(model.parameters(), copied.parameters()):
+                        b.grad = a.grad.clone()  # Parameter.__deepcopy__ leaves .grad behind
+                    model = copied
+            opt.step()
+            opt.zero_grad()
+        return opt.last_stats().to_dict()
+
+    plain, changed = run(False), run(True)
+    for key in ("trace_noise", "trace_precond_noise", "grad_norm_sq", "temperature"):
+        assert changed[key] == plain[key], key
+    assert changed["per_param"]["group0.param0"]["trace_noise"] == plain["per_param"]["group0.param0"]["trace_noise"]

@@ -356,3 +356,28 @@ def test_optimizer_tail_pool_matches_a_per_parameter_loop(pool):
     assert sorted(saved) == sorted(prev)
     for i, pv in prev.items():
         torch.testing.assert_close(saved[i]["tail_prev_var"], pv, rtol=1e-12, atol=0.0)
+
+
+def test_noise_traces_give_the_same_bits_for_a_shared_and_a_per_tensor_count():
+    # finish_step takes the float-count path when every tensor saw the same contributions and the tensor path
+    # otherwise; a tensor with the same count must give the same bits, and counts below 2 NaN.
+    from pnekern.stats.engine import _noise_traces
+
+    g = torch.Generator().manual_seed(4)
+    cols = [torch.rand(37, generator=g, dtype=torch.float64) * 10 ** torch.randint(-6, 6, (37,), generator=g)
+            for _ in range(4)]
+    for n, w2 in [(2.0, 1.0), (3.0, 1.0), (8.0, 4.0), (7.0, 9.0)]:
+        a = _noise_traces(*cols, n, w2)
+        b = _noise_traces(*cols, torch.full((37,), n, dtype=torch.float64), w2)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        # and the textbook form n (S1 − W² |ḡ|²/n) / ((n − 1) W²), to rounding
+        s1, s1_a, g2, g2_a = cols
+        torch.testing.assert_close(a[0], n * (s1 - w2 * g2 / n) / ((n - 1) * w2), rtol=1e-12, atol=0)
+        torch.testing.assert_close(a[1], n * (s1_a - w2 * g2_a / n) / ((n - 1) * w2), rtol=1e-12, atol=0)
+    counts = torch.tensor([1.0, 2.0, 0.0, 5.0] * 9 + [3.0], dtype=torch.float64)
+    tr, tr_a = _noise_traces(*cols, counts, 1.0)
+    assert torch.isnan(tr[counts < 2]).all() and torch.isnan(tr_a[counts < 2]).all()
+    assert torch.isfinite(tr[counts >= 2]).all()
+    for v in (1.0, 0.0):
+        assert all(torch.isnan(t).all() for t in _noise_traces(*cols, v, 1.0))
