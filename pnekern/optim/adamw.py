@@ -341,9 +341,9 @@ class AdamW(torch.optim.AdamW):
                                        "match the parameter")
                 if check_backend:
                     # Resolving early turns e.g. "cpp on a CUDA tensor" into an error before any state changes.
-                    key = (p.device, ops.storage_dtype(p.dtype))
+                    key = (p.device, p.dtype)
                     if key not in resolved:
-                        ops.resolve_backend(self.backend, *key)
+                        ops.resolve_backend(self.backend, key[0], ops.storage_dtype(key[1]))
                         resolved.add(key)
                 todo.append((gi, pi, p))
         if self.check_finite and todo:
@@ -405,29 +405,43 @@ class AdamW(torch.optim.AdamW):
             amsgrad = group["amsgrad"]
             lr = _scalar(group["lr"])
             buckets: dict[tuple[str, torch.device, torch.dtype], dict[str, list[Tensor]]] = {}
+            state_of = self.state
             for p in plist:
-                state = self._init_state(group, p)
+                # Per-parameter host work runs for every tensor every step: plain loops and locals, no generators
+                # (~1.5 µs less per parameter than all(...) over a generator and setdefault with a fresh default).
+                state = state_of.get(p)
+                if not state or (amsgrad and "max_exp_avg_sq" not in state):
+                    state = self._init_state(group, p)
                 tensors = [p, p.grad if noise is None else noise.grad_for(p), state["exp_avg"], state["exp_avg_sq"]]
                 if amsgrad:
                     tensors.append(state["max_exp_avg_sq"])
                 if p.is_complex():
                     tensors = [torch.view_as_real(t) for t in tensors]
                 dtype = tensors[0].dtype
-                rkey = (p.device, dtype)
+                device = p.device
+                rkey = (device, dtype)
                 backend = resolved.get(rkey)
                 if backend is None:
-                    backend = resolved[rkey] = ops.resolve_backend(self.backend, p.device, dtype)
+                    backend = resolved[rkey] = ops.resolve_backend(self.backend, device, dtype)
                 step_t = state["step"]
-                if backend == "triton" and not all(t.dtype == dtype for t in tensors):
-                    backend = "reference"  # mixed storage dtypes (e.g. a loaded fp32 state for bf16 params)
-                if backend == "cpp" and not (
-                    all(t.is_contiguous() and t.dtype == dtype for t in tensors)
-                    and step_t.device.type == "cpu"
-                    and step_t.dtype == torch.float32
-                ):
+                if backend == "triton":
+                    for t in tensors:
+                        if t.dtype != dtype:
+                            backend = "reference"  # mixed storage dtypes (e.g. a loaded fp32 state for bf16 params)
+                            break
+                elif backend == "cpp":
                     # The fused kernel walks flat memory; strided/mixed-dtype tensors take the reference path.
-                    backend = "reference"
-                b = buckets.setdefault((backend, p.device, dtype), defaultdict(list))
+                    if not (step_t.is_cpu and step_t.dtype == torch.float32):
+                        backend = "reference"
+                    else:
+                        for t in tensors:
+                            if t.dtype != dtype or not t.is_contiguous():
+                                backend = "reference"
+                                break
+                bkey = (backend, device, dtype)
+                b = buckets.get(bkey)
+                if b is None:
+                    b = buckets[bkey] = defaultdict(list)
                 b["params"].append(tensors[0])
                 b["grads"].append(tensors[1])
                 b["exp_avgs"].append(tensors[2])
@@ -439,7 +453,7 @@ class AdamW(torch.optim.AdamW):
                 if use_sumsq:
                     q = stats.sumsq_buffer(p)
                     qdtype = torch.float64 if dtype == torch.float64 else torch.float32
-                    b["sumsq"].append(q if q is not None else torch.zeros(tensors[0].shape, dtype=qdtype, device=p.device))
+                    b["sumsq"].append(q if q is not None else torch.zeros(tensors[0].shape, dtype=qdtype, device=device))
                 lrs[id(p)] = lr
             for (backend, device, _), b in buckets.items():
                 stats_out = None
