@@ -1192,7 +1192,7 @@ class NoiseStats:
     @torch.no_grad()
     def finish_step(
         self,
-        rows: dict[int, Tensor],
+        rows: MutableMapping[int, Tensor],
         lrs: dict[int, float],
         *,
         found_inf: Tensor | None = None,
@@ -1204,7 +1204,8 @@ class NoiseStats:
         Args:
             rows: id(param) -> float64 [4] row (``STATS_COLUMNS``) for every parameter stepped this time, or [2]
                 (its first two columns) when ``precond == "prev"``, or [3] (its columns 0, 2, 3) when
-                ``precond == "new"``; every row of a call has the same width.
+                ``precond == "new"``; every row of a call has the same width. A dict, or the :class:`StepRows`
+                of the fused step (its tables are used as they are).
             lrs: id(param) -> the learning rate its group used.
             found_inf: GradScaler's flag; a flagged step contributes no exposure and is marked ``skipped``.
             grad_scale: the loss scale still applied to the captured contributions (divided out here).
