@@ -598,7 +598,8 @@ class NoiseStats:
         self.covariances: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self._warned_single = False
         self.clip_coef: Tensor | None = None
-        self.grad_scaler: Any = None
+        self.grad_scaler: Any = None  # a GradScaler whose unscale_ runs before step (see finish_step)
+        self._warned_unscaled = False
         self.shrink_of = None if shrink is None else _weak_callable(shrink)
         self.calibrator = None
         self.calibration_every = int(calibration_every)
@@ -1292,6 +1293,18 @@ class NoiseStats:
             # The user unscaled p.grad explicitly (scaler.unscale_, e.g. for clipping): the captured contributions
             # still carry the loss scale.
             grad_scale = getattr(self.grad_scaler, "_scale", None)
+        elif grad_scale is None and found_inf is not None and not self.__dict__.get("_warned_unscaled", False):
+            # GradScaler.step passes found_inf without grad_scale only when unscale_ already ran: the loss scale is
+            # still in what the hooks captured, and nothing here knows it.
+            warnings.warn(
+                "pnekern stats: the gradients were unscaled before step() (GradScaler.unscale_, e.g. to clip them), "
+                "so the captured micro-batch contributions still carry the loss scale and the noise statistics of "
+                "such steps are too large by its square. Set `optimizer.noise_stats.grad_scaler = scaler` once, "
+                "after creating the GradScaler.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._warned_unscaled = True
         if grad_scale is not None:
             inv2 = grad_scale.to(device=device, dtype=torch.float64).reciprocal().square()
             table[:, sq_cols] = table[:, sq_cols] * inv2
