@@ -49,21 +49,18 @@ def _drive(backend, *, scale=None, unscale=False, attach=False, clip=None, inf_s
     return out, [str(w.message) for w in rec]
 
 
-def _close(a, b, key, rel=1e-5):
-    assert a[key] == pytest.approx(b[key], rel=rel), key
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_scale_is_divided_out_of_every_statistic(backend):
+    # A power-of-two scale multiplies and divides exactly: the statistics are the unscaled run's bits.
     plain, _ = _drive(backend)
     scaled, _ = _drive(backend, scale=1024.0)
     for a, b in zip(scaled, plain):
         assert not a["skipped"]
         for key in KEYS:
-            _close(a, b, key)
+            assert a[key] == b[key], key
         for name, row in a["per_param"].items():
             for key in ("trace_noise", "trace_precond_noise", "grad_norm_sq", "temperature"):
-                _close(row, b["per_param"][name], key)
+                assert row[key] == b["per_param"][name][key], (name, key)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -75,10 +72,11 @@ def test_clipping_scales_the_exposure_by_the_squared_coefficient(backend):
     a, b = clipped[0], plain[0]
     c = 0.05 / (b["grad_norm_sq"] ** 0.5 + 1e-6)  # torch's coefficient from the pre-clip norm
     assert c < 0.5, "the test must clip"
-    assert a["clip_coef"] == pytest.approx(c, rel=1e-5)
+    assert a["clip_coef"] == pytest.approx(c, rel=1e-7)
+    # c·g is rounded to fp32 per element: relative differences of ~1.5e-7 were seen, 1e-6 allows for that.
     for key in ("trace_noise", "trace_precond_noise", "grad_norm_sq", "temperature", "diffusion"):
-        assert a[key] == pytest.approx(c * c * b[key], rel=1e-4), key
-    assert a["temperature_preclip"] == pytest.approx(b["temperature"], rel=1e-4)
+        assert a[key] == pytest.approx(c * c * b[key], rel=1e-6), key
+    assert a["temperature_preclip"] == pytest.approx(b["temperature"], rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,9 +86,9 @@ def test_unscale_then_clip_under_a_scaler(backend):
     ref, _ = _drive(backend, clip=0.05)
     attached, msgs = _drive(backend, scale=1024.0, unscale=True, attach=True, clip=0.05)
     assert not [m for m in msgs if "grad_scaler" in m]
-    for a, b in zip(attached, ref):
+    for a, b in zip(attached, ref):  # unscaling by 1/1024 is exact: the same bits as clipping without AMP
         for key in KEYS:
-            _close(a, b, key, rel=1e-4)
+            assert a[key] == b[key], key
     _, msgs = _drive(backend, scale=1024.0, unscale=True, clip=0.05)
     warned = [m for m in msgs if "grad_scaler" in m]
     assert len(warned) == 1 and "unscale_" in warned[0], msgs
