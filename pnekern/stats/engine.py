@@ -1255,6 +1255,7 @@ class NoiseStats:
             self.reset()
             return None
         device = slots[0].acc.device
+        same_count = min(counts) == max(counts)
         table = None
         try:
             # One stack per column block instead of three small ops per parameter (same values). The count column
@@ -1264,7 +1265,7 @@ class NoiseStats:
                 rowt = torch.stack([rows[id(s.param)] for s in slots])
             accs = self._acc_all if every_acc else torch.stack([s.acc for s in slots])
             if accs.device == device and rowt.device == device and accs.dtype == rowt.dtype == torch.float64:
-                if min(counts) == max(counts):
+                if same_count:
                     cnt = torch.full((len(slots), 1), float(counts[0]), dtype=torch.float64, device=device)
                 else:
                     cnt = torch.tensor(counts, dtype=torch.float64, device=device).unsqueeze(1)
@@ -1273,8 +1274,9 @@ class NoiseStats:
             pass
         if table is None:
             table = torch.stack([
-                torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device), r.to(device)])
-                for s, r in zip(slots, [rows[id(s.param)] for s in slots])
+                torch.cat([s.acc.to(device), torch.tensor([float(s.count)], dtype=torch.float64, device=device),
+                           rows[id(s.param)].to(device)])
+                for s in slots
             ])  # [P, 7]
         if world > 1:
             import torch.distributed as dist
@@ -1320,7 +1322,7 @@ class NoiseStats:
         s1 = table[:, 0]
         s1_a = table[:, s1_a_col]
         # One worker with one count for all slots (the usual case): n is a Python float, 4 fewer [P] ops per column.
-        common = world == 1 and min(counts) == max(counts)
+        common = world == 1 and same_count
         tr, tr_a = _noise_traces(s1, s1_a, g2, g2_a, float(counts[0]) if common else table[:, 2], w2)
         n_total = int(max(counts) * world) if counts else 0
         if any(c < 2 for c in counts) and world == 1 and not self._warned_single:
