@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include <immintrin.h>  // before the target switch (ODR rule in cpu_kernels.h); its intrinsics carry their own targets
+
 #include "cpu_isa.h"
 #include "cpu_kernels.h"
 
@@ -17,6 +19,7 @@
 #endif
 
 #define PNEKERN_ISA_NS isa_avx2
+#define PNEKERN_AVX2_PHILOX 1  // hand-vectorized Philox words in cpu_kernels.inc
 #include "cpu_kernels.inc"
 
 #if defined(__clang__)
