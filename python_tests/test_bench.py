@@ -78,6 +78,17 @@ def test_update_markdown_replaces_only_its_device(tmp_path):
     assert "old gpu" in text and text.startswith("# pnekern benchmark results")
 
 
+def test_cpu_name_keeps_same_named_cpus_apart():
+    zen3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n\n" \
+           "processor\t: 1\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: other\n"
+    zen5 = zen3.replace(": 25\n", ": 26\n", 1)
+    assert bench._cpu_name(zen3) == "AMD EPYC (family 25, model 1)"  # the first processor's block only
+    assert bench._cpu_name(zen5) == "AMD EPYC (family 26, model 1)"
+    keys = {bench.section_key({"device_type": "cpu", "device": bench._cpu_name(t)}) for t in (zen3, zen5)}
+    assert len(keys) == 2
+    assert bench._cpu_name("model name\t: Some CPU\n") == "Some CPU"  # no family/model fields: the name alone
+
+
 # ------------------------------------------------------------------------------------------------ the CLI end to end
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
