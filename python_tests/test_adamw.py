@@ -397,6 +397,33 @@ def test_sparse_grad_names_param_and_changes_nothing(backend):
     assert torch.equal(good.detach(), before) and len(opt.state) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_on_cpu_raises_like_torch_and_changes_nothing(backend):
+    # torch.optim.AdamW(capturable=True) refuses CPU params at step() with an AssertionError; a drop-in must too,
+    # but before any state exists (torch creates the state first).
+    p = nn.Parameter(torch.randn(7))
+    p.grad = torch.randn(7)
+    with pytest.raises(AssertionError, match="capturable=True") as torch_err:
+        _torch_capturable_step(p)
+    good = nn.Parameter(torch.randn(5))
+    good.grad = torch.ones(5)
+    opt = pnekern.AdamW([{"params": [good]}, {"params": [p], "capturable": True}], backend=backend)
+    before = [good.detach().clone(), p.detach().clone()]
+    with pytest.raises(AssertionError, match=r"capturable=True.*param_groups\[1\]\['params'\]\[0\].*device cpu.*capturable=False") as ours:
+        opt.step()
+    assert str(torch_err.value) in str(ours.value)  # torch's sentence, then which parameter and the fix
+    assert torch.equal(good.detach(), before[0]) and torch.equal(p.detach(), before[1]) and len(opt.state) == 0
+    opt.param_groups[1]["capturable"] = False  # the fix the message names
+    opt.step()
+    assert not torch.equal(p.detach(), before[1])
+
+
+def _torch_capturable_step(p: nn.Parameter) -> None:
+    q = nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    torch.optim.AdamW([q], capturable=True).step()
+
+
 def test_non_floating_param_type_error():
     p = torch.zeros(3, dtype=torch.int64)
     opt = pnekern.AdamW([p])

@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+try:  # the device list torch's capturable check uses (private, present in the torch versions we support)
+    from torch.optim.optimizer import _get_capturable_supported_devices
+except ImportError:  # pragma: no cover - older/newer torch without it
+    def _get_capturable_supported_devices() -> list[str]:
+        return ["cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name()]
+
 from .. import ops
 from ..reference.adamw import PRECOND_NEW_STATS_COLS, TRACE_STATS_COLS
 from ..noise.config import NoiseConfig
@@ -323,10 +329,19 @@ class AdamW(torch.optim.AdamW):
         resolved: set[tuple[torch.device, torch.dtype]] = set()  # one backend check per (device, dtype), not per param
         check_backend = not self.defaults["differentiable"]
         for gi, group in enumerate(self.param_groups):
+            # torch.optim.AdamW asserts this inside its step (after creating state); the same error, before anything.
+            capturable_devices = (_get_capturable_supported_devices()
+                                  if group["capturable"] and not torch.compiler.is_compiling() else None)
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                if capturable_devices is not None and p.device.type not in capturable_devices:
+                    raise AssertionError(
+                        "If capturable=True, params and state_steps must be on supported devices: "
+                        f"{capturable_devices}. {self._param_name(gi, pi, p)} is not; set capturable=False for its "
+                        "param group (torch.optim.AdamW raises this too)"
+                    )
                 # The parameter's name is formatted only for an error (100 f-strings cost ~0.5 ms per step).
                 if g.is_sparse:
                     raise RuntimeError(
