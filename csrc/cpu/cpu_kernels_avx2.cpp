@@ -19,7 +19,7 @@
 #endif
 
 #define PNEKERN_ISA_NS isa_avx2
-#define PNEKERN_AVX2_PHILOX 1  // hand-vectorized Philox words in cpu_kernels.inc
+#define PNEKERN_AVX2_INTRINSICS 1  // hand-vectorized Philox words and low-rank rows in cpu_kernels.inc
 #include "cpu_kernels.inc"
 
 #if defined(__clang__)
