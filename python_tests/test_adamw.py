@@ -409,7 +409,8 @@ def test_capturable_on_cpu_raises_like_torch_and_changes_nothing(backend):
     good.grad = torch.ones(5)
     opt = pnekern.AdamW([{"params": [good]}, {"params": [p], "capturable": True}], backend=backend)
     before = [good.detach().clone(), p.detach().clone()]
-    with pytest.raises(AssertionError, match=r"capturable=True.*param_groups\[1\]\['params'\]\[0\].*device cpu.*capturable=False") as ours:
+    named = r"capturable=True.*param_groups\[1\]\['params'\]\[0\].*device cpu.*capturable=False"
+    with pytest.raises(AssertionError, match=named) as ours:
         opt.step()
     assert str(torch_err.value) in str(ours.value)  # torch's sentence, then which parameter and the fix
     assert torch.equal(good.detach(), before[0]) and torch.equal(p.detach(), before[1]) and len(opt.state) == 0
